@@ -1,0 +1,158 @@
+"""One place that declares every segmentation task: classes, channels, sites and weak forms.
+
+A task is a contract shared by the data layer, the trainer and the test script. Label maps use
+values ``0 .. num_classes - 1`` for the classes and ``num_classes`` for "unlabelled" (UA), which
+the partial cross-entropy ignores.
+"""
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Dict, Tuple
+
+#: Weak annotation forms and the HDF5 dataset key that stores each of them.
+WEAK_FORM_KEYS: Dict[str, str] = {
+    "point": "keypoint",
+    "box": "box",
+    "block": "block",
+    "scribble": "scribble",
+    "scribble_noisy": "scribble_noisy",
+}
+#: Label "forms" that are not weak: the full mask (used by CT-full and for evaluation).
+FULL_FORM = "mask"
+LABEL_FORMS = tuple(WEAK_FORM_KEYS) + (FULL_FORM,)
+
+
+def label_key(form: str) -> str:
+    """HDF5 key that stores the labels of ``form`` (``'point'`` -> ``'keypoint'``)."""
+    if form == FULL_FORM:
+        return FULL_FORM
+    try:
+        return WEAK_FORM_KEYS[form]
+    except KeyError:
+        raise ValueError(
+            f"unknown label form {form!r}; expected one of {', '.join(LABEL_FORMS)}"
+        ) from None
+
+
+@dataclass(frozen=True)
+class Site:
+    """One hospital of a federation."""
+
+    name: str
+    weak_form: str
+    n_train: int
+    n_test: int
+
+
+@dataclass(frozen=True)
+class EvalTarget:
+    """A structure scored by the test script: pixels whose label is in ``labels``."""
+
+    name: str
+    labels: Tuple[int, ...]
+
+
+@dataclass(frozen=True)
+class Task:
+    """Everything the code needs to know about one segmentation task."""
+
+    name: str
+    in_chns: int
+    class_names: Tuple[str, ...]
+    image_size: int
+    sites: Tuple[Site, ...]
+    eval_targets: Tuple[EvalTarget, ...]
+    #: Label values of the published PNG release, indexed by label (last one = unlabelled).
+    png_values: Tuple[int, ...] = ()
+    synthetic_of: str = ""
+
+    @property
+    def num_classes(self) -> int:
+        return len(self.class_names)
+
+    @property
+    def unlabelled(self) -> int:
+        """Label value of unlabelled pixels (= ``num_classes``)."""
+        return self.num_classes
+
+    @property
+    def num_sites(self) -> int:
+        return len(self.sites)
+
+    def site(self, index: int) -> Site:
+        if not 0 <= index < self.num_sites:
+            raise ValueError(
+                f"site index {index} out of range for task {self.name!r} "
+                f"(expected 0..{self.num_sites - 1})"
+            )
+        return self.sites[index]
+
+
+_FAZ_SITES = (
+    Site("FAZID", "scribble_noisy", 244, 60),
+    Site("OCTA500-3M", "point", 150, 50),
+    Site("OCTA500-6M", "block", 200, 100),
+    Site("OCTA-25K-3x3", "box", 708, 304),
+    Site("ROSE", "scribble", 30, 9),
+)
+_ODOC_SITES = (
+    Site("Drishti-GS", "scribble", 50, 51),
+    Site("RIM-ONE-r3", "scribble_noisy", 99, 60),
+    Site("REFUGE-train", "box", 320, 80),
+    Site("REFUGE-val", "point", 320, 80),
+    Site("GAMMA", "block", 100, 100),
+)
+
+_TASKS: Dict[str, Task] = {}
+
+
+def register_task(task: Task) -> Task:
+    if task.name in _TASKS:
+        raise ValueError(f"task {task.name!r} registered twice")
+    _TASKS[task.name] = task
+    return task
+
+
+FAZ = register_task(Task(
+    name="faz",
+    in_chns=1,
+    class_names=("background", "faz"),
+    image_size=256,
+    sites=_FAZ_SITES,
+    eval_targets=(EvalTarget("faz", (1,)),),
+    png_values=(0, 127, 254),
+))
+ODOC = register_task(Task(
+    name="odoc",
+    in_chns=3,
+    class_names=("background", "cup", "disc_rim"),
+    image_size=384,
+    sites=_ODOC_SITES,
+    eval_targets=(EvalTarget("cup", (1,)), EvalTarget("disc", (1, 2))),
+    png_values=(0, 127, 254, 255),
+))
+# Synthetic twins: same classes, channels and weak forms; the generator decides the counts.
+SYNTHETIC_FAZ = register_task(Task(
+    name="synthetic_faz", in_chns=1, class_names=FAZ.class_names, image_size=256,
+    sites=FAZ.sites, eval_targets=FAZ.eval_targets, png_values=FAZ.png_values,
+    synthetic_of="faz",
+))
+SYNTHETIC_ODOC = register_task(Task(
+    name="synthetic_odoc", in_chns=3, class_names=ODOC.class_names, image_size=384,
+    sites=ODOC.sites, eval_targets=ODOC.eval_targets, png_values=ODOC.png_values,
+    synthetic_of="odoc",
+))
+
+
+def get_task(name: str) -> Task:
+    """Look a task up by name (``faz``, ``odoc``, ``synthetic_faz``, ``synthetic_odoc``)."""
+    try:
+        return _TASKS[name]
+    except KeyError:
+        raise ValueError(
+            f"unknown task {name!r}; expected one of {', '.join(sorted(_TASKS))}"
+        ) from None
+
+
+def task_names() -> Tuple[str, ...]:
+    return tuple(sorted(_TASKS))
