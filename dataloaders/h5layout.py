@@ -9,7 +9,7 @@ from __future__ import annotations
 import os
 import tempfile
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
 import h5py
 import numpy as np
@@ -85,5 +85,20 @@ def read_case(path: os.PathLike, keys: Optional[List[str]] = None) -> Dict[str, 
                 raise KeyError(
                     f"{path}: dataset {key!r} missing (file has {', '.join(sorted(f.keys())) or 'nothing'})"
                 )
-            out[key] = f[key][()]
+            try:
+                out[key] = f[key][()]
+            except (OSError, TypeError) as err:
+                raise ValueError(f"{path}: dataset {key!r} could not be read ({err})") from None
         return out
+
+
+def read_meta(path: os.PathLike) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
+    """Shape and dtype of every dataset of one case, without reading the arrays."""
+    path = Path(path)
+    try:
+        f = h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{path}: not a readable HDF5 file ({err})") from None
+    with f:
+        return {key: (tuple(obj.shape), obj.dtype) for key, obj in f.items()
+                if isinstance(obj, h5py.Dataset)}

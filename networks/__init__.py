@@ -1,1 +1,14 @@
-"""networks package."""
+"""Segmentation networks, built by name: ``networks.build('unet_lc_multihead', 1, 2, ...)``."""
+from . import efficient_unet, unet  # noqa: F401  (registers the networks)
+from .groups import parameter_groups, select_keys
+from .outputs import SegOutput
+from .registry import build, network_names, register_network
+
+__all__ = [
+    "SegOutput",
+    "build",
+    "network_names",
+    "parameter_groups",
+    "register_network",
+    "select_keys",
+]

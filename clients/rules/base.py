@@ -1,0 +1,60 @@
+"""The local rule interface: what a site does with one round."""
+from __future__ import annotations
+
+from typing import TYPE_CHECKING, Dict, List, Mapping
+
+import numpy as np
+import torch
+
+if TYPE_CHECKING:  # pragma: no cover
+    from ..trainer import SiteTrainer
+
+#: Parameter groups on the decoder side, blended by adaptive aggregation.
+DECODER_GROUPS = ("decoder", "out_conv", "aux")
+HEAD_GROUP = "out_conv"
+
+
+class LocalRule:
+    """Default behaviour (FedAvg): load every shared array, train all parameters ``iters`` steps.
+
+    Subclasses override :meth:`receive` (how received arrays enter the local model) and
+    :meth:`local_train` (what the round's iterations optimise). Personal state that must survive
+    across rounds goes through :meth:`state_dict` / :meth:`load_state_dict`.
+    """
+
+    name = "base"
+
+    def __init__(self, cfg) -> None:
+        self.cfg = cfg
+
+    def receive(self, trainer: "SiteTrainer", arrays: Mapping[str, np.ndarray],
+                shared: List[str], server_round: int) -> None:
+        trainer.load_arrays(arrays, shared)
+
+    def local_train(self, trainer: "SiteTrainer", server_round: int) -> Dict[str, float]:
+        return trainer.run_iterations(self.cfg.iters, lambda name: True)
+
+    def state_dict(self) -> Dict[str, object]:
+        return {}
+
+    def load_state_dict(self, state: Mapping[str, object], device: torch.device) -> None:
+        return None
+
+
+def head_split_train(trainer: "SiteTrainer", iters: int, body_iters: int) -> Dict[str, float]:
+    """FedRep-style round: ``iters - body_iters`` steps on the head alone, then
+    ``body_iters`` steps on everything except the head. Metrics are step-weighted means."""
+    head = set(trainer.keys([HEAD_GROUP]))
+    parts = []
+    if iters - body_iters > 0:
+        parts.append((iters - body_iters, trainer.run_iterations(iters - body_iters, lambda n: n in head)))
+    if body_iters > 0:
+        parts.append((body_iters, trainer.run_iterations(body_iters, lambda n: n not in head)))
+    total = sum(n for n, _ in parts)
+    merged: Dict[str, float] = {}
+    for n, metrics in parts:
+        for key, value in metrics.items():
+            if key != "lr":
+                merged[key] = merged.get(key, 0.0) + value * n / total
+    merged["lr"] = parts[-1][1]["lr"]
+    return merged

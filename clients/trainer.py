@@ -1,0 +1,288 @@
+"""One site's trainer: data, device, model, optimiser, schedule position and personal state.
+
+The same object serves the simulation (kept alive inside the ClientApp process) and the
+deployment workers. Everything it needs to resume lives in :meth:`SiteTrainer.state_dict`.
+"""
+from __future__ import annotations
+
+import logging
+import time
+from pathlib import Path
+from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from configs import RunConfig
+from dataloaders.dataset import InfiniteBatches, SiteDataset
+from dataloaders.tasks import get_task
+from losses.objective import ObjectiveConfig, WeakObjective
+from networks.checkpoint import load_checkpoint, save_atomic
+from networks.factory import build_for_run
+from networks.groups import select_keys
+
+from .evaluation import validate
+from .registry import build_rule
+
+log = logging.getLogger("fedicra.client")
+
+Batch = Dict[str, Tensor]
+
+
+def resolve_device(requested: str = "") -> torch.device:
+    """``requested`` if given, else the first visible CUDA device, else the CPU."""
+    if requested:
+        return torch.device(requested)
+    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
+
+
+def _groups(config: Mapping[str, object], key: str) -> list:
+    return [g for g in str(config.get(key, "")).split(",") if g]
+
+
+def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:
+    """``base_lr * (1 - step/total) ** power``, clamped at 0 past the budget."""
+    return base_lr * max(0.0, 1.0 - step / max(total, 1)) ** power
+
+
+class SiteTrainer:
+    """Trainer of client ``cid`` (site index = client id).
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run's configuration (the trainer reads data, model, objective and schedule from it).
+    cid : int
+        Client id, also the site index (``Domain{cid+1}``) and the site code of the PCS gates.
+    device : str
+        ``''`` picks CUDA when visible, else CPU.
+    """
+
+    def __init__(self, cfg: RunConfig, cid: int, device: str = "") -> None:
+        self.cfg = cfg
+        self.cid = cid
+        self.task = get_task(cfg.img_class)
+        if not 0 <= cid < min(cfg.num_clients, self.task.num_sites):
+            raise ValueError(
+                f"client id {cid} out of range: num_clients={cfg.num_clients}, "
+                f"task {self.task.name!r} has {self.task.num_sites} sites"
+            )
+        self.device = resolve_device(device)
+        form = cfg.label_form or None
+        common = dict(task=self.task, site=cid, val_fraction=cfg.val_fraction, seed=cfg.seed)
+        self.train_set = SiteDataset(cfg.root_path, split="train", label_form=form, augment=True,
+                                     **common)
+        self.val_set = SiteDataset(cfg.root_path, split="val", **common)
+        self.model = build_for_run(cfg, cid).to(self.device)
+        self.objective = WeakObjective(ObjectiveConfig(
+            procedure=cfg.procedure, lambda_tree=cfg.lambda_tree, lambda_crf=cfg.lambda_crf,
+            alpha=cfg.alpha, crf_downsample=cfg.crf_downsample))
+        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.base_lr,
+                                           weight_decay=cfg.weight_decay)
+        self.batches = InfiniteBatches(self.train_set, cfg.batch_size, seed=cfg.seed * 1000 + cid)
+        self.rule = build_rule(cfg.strategy, cfg)
+        self.step = 0
+        self.rounds_done = 0
+        self.best_val = -1.0
+        self.total_steps = cfg.rounds * cfg.iters
+        self._writer = None
+
+    # ------------------------------------------------------------------ paths and logging
+    @property
+    def client_dir(self) -> Path:
+        return self.cfg.out_dir / f"client{self.cid}"
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.cfg.out_dir / "tb" / f"client{self.cid}"))
+        return self._writer
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    # ------------------------------------------------------------------ data
+    def next_batch(self) -> Batch:
+        batch = next(self.batches)
+        return self.to_device(batch["image"], batch["label"])
+
+    def to_device(self, image: Tensor, label: Tensor) -> Batch:
+        """Move a batch to the trainer's device, resized to ``img_size`` when one is set."""
+        image = image.to(self.device, non_blocking=True)
+        label = label.to(self.device, non_blocking=True)
+        size = self.cfg.img_size
+        if size and tuple(image.shape[-2:]) != (size, size):
+            image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+            label = F.interpolate(label[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+        return {"image": image, "label": label}
+
+    def sample_batches(self, fraction: float, seed: int) -> Iterable[Batch]:
+        """One pass over a random ``fraction`` of the training cases (no augmentation)."""
+        rng = np.random.default_rng(seed)
+        n = len(self.train_set)
+        chosen = rng.permutation(n)[: max(1, int(round(fraction * n)))]
+        for start in range(0, len(chosen), self.cfg.batch_size):
+            samples = [self.train_set.arrays(int(i)) for i in chosen[start:start + self.cfg.batch_size]]
+            image = torch.from_numpy(np.stack([s.image for s in samples]).astype(np.float32))
+            label = torch.from_numpy(np.stack([s.label for s in samples]).astype(np.int64))
+            yield self.to_device(image, label)
+
+    # ------------------------------------------------------------------ state exchange
+    def state_of(self, keys: Iterable[str]) -> Dict[str, np.ndarray]:
+        sd = self.model.state_dict()
+        return {k: sd[k].detach().cpu().numpy() for k in keys}
+
+    def load_arrays(self, arrays: Mapping[str, np.ndarray], keys: Iterable[str]) -> None:
+        """Copy ``arrays[k]`` into the model for every ``k`` in ``keys`` (shape-checked)."""
+        sd = self.model.state_dict()
+        for k in keys:
+            if k not in arrays:
+                raise KeyError(f"client {self.cid}: received arrays lack {k!r}")
+            value = torch.as_tensor(np.asarray(arrays[k]))
+            if tuple(value.shape) != tuple(sd[k].shape):
+                raise ValueError(
+                    f"client {self.cid}: array {k!r} has shape {tuple(value.shape)}, "
+                    f"model expects {tuple(sd[k].shape)}"
+                )
+            sd[k].copy_(value.to(sd[k].dtype))
+
+    def keys(self, include: Iterable[str], exclude: Iterable[str] = ()) -> list:
+        return select_keys(self.model, list(include), list(exclude))
+
+    # ------------------------------------------------------------------ training
+    def run_iterations(self, n: int, trainable: Callable[[str], bool],
+                       extra_loss: Optional[Callable[[nn.Module], Tensor]] = None) -> Dict[str, float]:
+        """``n`` optimiser steps on the parameters for which ``trainable(name)`` holds.
+
+        Frozen parameters get ``requires_grad=False`` and no gradient tensor, so AdamW leaves
+        them (and their moments) untouched: no weight decay on frozen weights.
+        """
+        params = dict(self.model.named_parameters())
+        for name, p in params.items():
+            p.requires_grad_(bool(trainable(name)))
+        sums: Dict[str, float] = {}
+        lr = self.cfg.base_lr
+        self.model.train()
+        try:
+            for _ in range(n):
+                lr = poly_lr(self.cfg.base_lr, self.step, self.total_steps)
+                for group in self.optimizer.param_groups:
+                    group["lr"] = lr
+                batch = self.next_batch()
+                torch.manual_seed(self.cfg.seed * 1_000_003 + self.cid * 10_007 + self.step)
+                out = self.model(batch["image"])
+                result = self.objective(self.model, out, batch["image"], batch["label"],
+                                        site=self.cid, num_sites=self.cfg.num_clients)
+                loss = result.total
+                terms = dict(result.terms)
+                if extra_loss is not None:
+                    extra = extra_loss(self.model)
+                    loss = loss + extra
+                    terms["extra"] = float(extra.detach())
+                terms["total"] = float(loss.detach())
+                self.optimizer.zero_grad(set_to_none=True)
+                loss.backward()
+                self.optimizer.step()
+                self.step += 1
+                for key, value in terms.items():
+                    sums[key] = sums.get(key, 0.0) + value
+                    self.writer.add_scalar(f"loss/{key}", value, self.step)
+                self.writer.add_scalar("lr", lr, self.step)
+        finally:
+            for p in params.values():
+                p.requires_grad_(True)
+        metrics = {k: v / max(n, 1) for k, v in sums.items()}
+        metrics["lr"] = lr
+        return metrics
+
+    def train(self, arrays: Mapping[str, np.ndarray], config: Mapping[str, object]
+              ) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
+        """One federated round: merge the received arrays, train, validate, checkpoint.
+
+        Returns the arrays to send back (only those the strategy shares) and the metrics.
+        """
+        start = time.perf_counter()
+        server_round = int(config["server-round"])
+        shared = self.keys(_groups(config, "share-include"), _groups(config, "share-exclude"))
+        self.rule.receive(self, arrays, shared, server_round)
+        metrics = self.rule.local_train(self, server_round)
+        self.rounds_done = server_round
+        is_last = server_round >= self.cfg.rounds
+        if server_round % self.cfg.eval_every == 0 or is_last:
+            metrics.update(self.validate_and_checkpoint(server_round, is_last))
+        self.save(self.client_dir / "latest.pt")
+        metrics["seconds"] = time.perf_counter() - start
+        metrics["num-examples"] = float(len(self.train_set))
+        metrics["cid"] = float(self.cid)
+        return self.state_of(shared), metrics
+
+    def evaluate(self) -> Dict[str, float]:
+        """Validation Dice of the current personalised model."""
+        score, per_target = validate(self.model, self.val_set, self.cid, self.device)
+        metrics = {"val_dice": score, "num-examples": float(len(self.val_set)), "cid": float(self.cid)}
+        metrics.update({f"val_dice_{k}": v for k, v in per_target.items()})
+        return metrics
+
+    def validate_and_checkpoint(self, server_round: int, log_images: bool) -> Dict[str, float]:
+        score, per_target = validate(self.model, self.val_set, self.cid, self.device)
+        self.writer.add_scalar("val/dice", score, server_round)
+        for name, value in per_target.items():
+            self.writer.add_scalar(f"val/dice_{name}", value, server_round)
+        every = self.cfg.tb_images_every
+        if log_images or (every and server_round % every == 0):
+            self.log_predictions(server_round)
+        if score > self.best_val:
+            self.best_val = score
+            save_atomic({"model": self.model.state_dict(), "round": server_round,
+                         "val_dice": score, "cid": self.cid}, self.client_dir / "best.pt")
+        return {"val_dice": score, "best_val_dice": self.best_val}
+
+    def log_predictions(self, step: int, count: int = 4) -> None:
+        from .evaluation import predict
+
+        samples = [self.val_set.sample(i) for i in range(min(count, len(self.val_set)))]
+        if not samples:
+            return
+        image = torch.stack([s["image"] for s in samples]).to(self.device)
+        pred = predict(self.model, image, self.cid).float().cpu() / max(self.task.num_classes - 1, 1)
+        truth = torch.stack([s.get("mask", s["label"]) for s in samples]).float()
+        truth = truth.clamp(max=self.task.num_classes - 1) / max(self.task.num_classes - 1, 1)
+        grey = image.cpu().mean(dim=1)
+        panel = torch.cat([grey, truth, pred], dim=-1)[:, None]
+        self.writer.add_images("val/image_mask_prediction", panel, step)
+
+    # ------------------------------------------------------------------ persistence
+    def state_dict(self) -> Dict[str, object]:
+        return {
+            "cid": self.cid,
+            "model": self.model.state_dict(),
+            "optimizer": self.optimizer.state_dict(),
+            "batches": self.batches.state_dict(),
+            "rule": self.rule.state_dict(),
+            "step": self.step,
+            "rounds_done": self.rounds_done,
+            "best_val": self.best_val,
+        }
+
+    def load_state_dict(self, state: Mapping[str, object]) -> None:
+        if int(state["cid"]) != self.cid:
+            raise ValueError(f"checkpoint of client {state['cid']} given to client {self.cid}")
+        self.model.load_state_dict(state["model"])
+        self.optimizer.load_state_dict(state["optimizer"])
+        self.batches.load_state_dict(state["batches"])
+        self.rule.load_state_dict(state["rule"], self.device)
+        self.step = int(state["step"])
+        self.rounds_done = int(state["rounds_done"])
+        self.best_val = float(state["best_val"])
+
+    def save(self, path: Path) -> None:
+        save_atomic(self.state_dict(), path)
+
+    def load(self, path: Path) -> None:
+        self.load_state_dict(load_checkpoint(path, map_location=self.device))

@@ -1,0 +1,169 @@
+"""Typed run configuration, loaded from TOML and overridden from the command line.
+
+Every run writes its resolved configuration to ``<out_dir>/config.toml``; the test script and
+the deployment workers read that snapshot, so a run is reproducible from the file alone.
+"""
+from __future__ import annotations
+
+import dataclasses
+import os
+import sys
+import tempfile
+from dataclasses import dataclass, field, fields
+from pathlib import Path
+from typing import Any, Dict, List, Mapping, Optional
+
+if sys.version_info >= (3, 11):
+    import tomllib
+else:  # pragma: no cover
+    import tomli as tomllib
+import tomli_w
+
+
+def config_dir() -> Path:
+    """Folder holding the shipped TOML files (``faz.toml``, ``synthetic_faz.toml``, ...)."""
+    return Path(__file__).resolve().parent
+
+
+@dataclass
+class RunConfig:
+    """All settings of one federated run. Field names double as TOML keys and CLI flags."""
+
+    # data
+    img_class: str = "faz"
+    root_path: str = "data/faz_h5"
+    img_size: int = 0  # 0: the task's default size
+    val_fraction: float = 0.2
+    label_form: str = ""  # "": each site's own weak form; "mask": full masks (CT-full style)
+    # experiment
+    exp: str = "faz/FedICRA"
+    out_root: str = "model"
+    seed: int = 2022
+    # model and objective
+    model: str = "unet_lc_multihead"
+    base_channels: int = 16
+    aux_channels: int = 512
+    procedure: str = "pce_gatedcrf_mstree"
+    alpha: float = 1.0
+    lambda_tree: float = 0.1
+    lambda_crf: float = 0.1
+    crf_downsample: int = 1
+    # federation
+    strategy: str = "FedICRA"
+    num_clients: int = 5
+    rounds: int = 3000
+    iters: int = 10
+    rep_iters: int = 3
+    batch_size: int = 12
+    base_lr: float = 0.01
+    weight_decay: float = 0.01
+    # adaptive local aggregation (FedICRA, FedALA)
+    ala_eta: float = 1.0
+    ala_threshold: float = 0.1
+    ala_num_pre_loss: int = 10
+    ala_rand_percent: float = 0.8
+    ala_warmup_rounds: int = 1
+    ala_max_epochs: int = 20
+    # FedProx
+    prox_mu: float = 0.01
+    # validation, logging
+    eval_every: int = 1
+    tb_images_every: int = 0  # 0: only at the last round
+    # processes
+    mode: str = "simulation"
+    port: int = 8097
+    gpus: List[int] = field(default_factory=list)
+    cpus_per_client: float = 1.0
+
+    @property
+    def out_dir(self) -> Path:
+        return Path(self.out_root) / self.exp
+
+    def validate(self) -> "RunConfig":
+        checks = [
+            (self.rounds >= 1, "rounds must be >= 1"),
+            (self.iters >= 1, "iters must be >= 1"),
+            (0 <= self.rep_iters <= self.iters, "rep_iters must lie in [0, iters]"),
+            (self.batch_size >= 1, "batch_size must be >= 1"),
+            (self.num_clients >= 1, "num_clients must be >= 1"),
+            (0.0 < self.val_fraction < 1.0, "val_fraction must lie in (0, 1)"),
+            (0.0 < self.ala_rand_percent <= 1.0, "ala_rand_percent must lie in (0, 1]"),
+            (self.mode in ("simulation", "deployment"), "mode must be simulation or deployment"),
+            (self.img_size == 0 or self.img_size % 16 == 0, "img_size must be 0 or a multiple of 16"),
+            (self.eval_every >= 1, "eval_every must be >= 1"),
+        ]
+        for ok, message in checks:
+            if not ok:
+                raise ValueError(f"invalid configuration: {message}")
+        return self
+
+    def to_dict(self) -> Dict[str, Any]:
+        return dataclasses.asdict(self)
+
+    def to_flat_record(self) -> Dict[str, Any]:
+        """Values as Flower ConfigRecord accepts them (lists of ints stay lists)."""
+        return {k: (list(v) if isinstance(v, (list, tuple)) else v) for k, v in self.to_dict().items()}
+
+    @classmethod
+    def from_mapping(cls, values: Mapping[str, Any], source: str = "mapping") -> "RunConfig":
+        known = {f.name: f for f in fields(cls)}
+        unknown = sorted(set(values) - set(known))
+        if unknown:
+            raise ValueError(
+                f"{source}: unknown configuration key(s) {', '.join(unknown)}; "
+                f"expected some of {', '.join(sorted(known))}"
+            )
+        cfg = cls()
+        for key, value in values.items():
+            setattr(cfg, key, _coerce(key, value, getattr(cfg, key), source))
+        return cfg
+
+    def override(self, values: Mapping[str, Any], source: str = "overrides") -> "RunConfig":
+        merged = self.to_dict()
+        merged.update({k: v for k, v in values.items() if v is not None})
+        return RunConfig.from_mapping(merged, source)
+
+
+def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
+    if isinstance(default, bool):
+        if isinstance(value, bool):
+            return value
+    elif isinstance(default, int) and isinstance(value, int) and not isinstance(value, bool):
+        return value
+    elif isinstance(default, float) and isinstance(value, (int, float)) and not isinstance(value, bool):
+        return float(value)
+    elif isinstance(default, str) and isinstance(value, str):
+        return value
+    elif isinstance(default, list) and isinstance(value, (list, tuple)):
+        return [int(v) for v in value]
+    raise ValueError(
+        f"{source}: key {key!r} expects {type(default).__name__}, got {value!r}"
+    )
+
+
+def load_config(path: os.PathLike) -> RunConfig:
+    """Read a TOML file (flat keys of :class:`RunConfig`)."""
+    path = Path(path)
+    if not path.is_file():
+        raise FileNotFoundError(f"configuration file {path} does not exist")
+    try:
+        with open(path, "rb") as f:
+            values = tomllib.load(f)
+    except tomllib.TOMLDecodeError as err:
+        raise ValueError(f"{path}: not valid TOML ({err})") from None
+    return RunConfig.from_mapping(values, str(path))
+
+
+def save_config(cfg: RunConfig, path: os.PathLike) -> None:
+    """Write the configuration snapshot atomically."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
+    try:
+        with os.fdopen(fd, "wb") as f:
+            tomli_w.dump(cfg.to_dict(), f)
+        os.replace(tmp, path)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise

@@ -1,0 +1,408 @@
+"""Minimum spanning trees of 4-connected pixel grids, built and rooted with tensor operations.
+
+Everything here is discrete and runs without autograd: the tree structure is chosen from a
+detached guide, the differentiable edge weights are computed later on the chosen edges
+(see :mod:`losses.tree_filter`).
+
+Grid conventions, for an ``H x W`` image with ``N = H * W`` pixels in row-major order:
+
+* local edge ids ``0 .. H*(W-1)-1`` are horizontal edges ``(i, j) - (i, j+1)``, the
+  remaining ``(H-1)*W`` ids are vertical edges ``(i, j) - (i+1, j)``; ``E`` edges in all;
+* a batch of ``B`` images is one forest: vertex ``v`` of image ``b`` has global id
+  ``b*N + v`` and edge ``e`` has global id ``b*E + e``;
+* directions: 0 right, 1 down, 2 left, 3 up.
+
+Two constructions give the same tree (ties are broken by edge id in both):
+
+* :func:`boruvka_mst` + :func:`root_by_euler_tour`: O(log N) sequential rounds of vectorised
+  tensor operations, on the input's device (CPU or GPU);
+* :func:`scipy_rooted_tree`: scipy's Kruskal MST and breadth-first order, image by image on
+  the CPU (the reference / fallback path).
+"""
+
+from __future__ import annotations
+
+from typing import NamedTuple
+
+import numpy as np
+import torch
+from torch import Tensor
+
+__all__ = [
+    "RootedTree",
+    "grid_edge_costs",
+    "num_grid_edges",
+    "edge_endpoints",
+    "edge_keys",
+    "boruvka_mst",
+    "root_by_euler_tour",
+    "rooted_mst",
+    "scipy_rooted_tree",
+]
+
+# Low bits of an edge key hold an edge position or id; high bits order the edge costs.
+_ID_BITS = 31
+_ID_MASK = (1 << _ID_BITS) - 1
+_INT64_MAX = torch.iinfo(torch.int64).max
+
+
+class RootedTree(NamedTuple):
+    """A spanning forest of a batch of grids, one tree per image, rooted at pixel (0, 0).
+
+    Attributes
+    ----------
+    parent : Tensor
+        ``(B*N,)`` int64, global id of each vertex's parent; a root is its own parent.
+    edge_u, edge_v : Tensor
+        ``(B*(N-1),)`` int64, global vertex ids of the tree edges (``edge_v`` is the parent of
+        ``edge_u``), ordered by global edge id.
+    edge_of_vertex : Tensor
+        ``(B*N,)`` int64, index into ``edge_u`` of the edge from a vertex to its parent, or
+        ``B*(N-1)`` for a root.
+    num_rounds : int
+        Sequential rounds of the construction (Boruvka rounds; 0 for the scipy path).
+    """
+
+    parent: Tensor
+    edge_u: Tensor
+    edge_v: Tensor
+    edge_of_vertex: Tensor
+    num_rounds: int
+
+
+def num_grid_edges(height: int, width: int) -> int:
+    """Number ``E`` of edges of the 4-connected ``height x width`` grid."""
+    return height * (width - 1) + (height - 1) * width
+
+
+def grid_edge_costs(guide: Tensor, cost_offset: float = 0.0) -> Tensor:
+    """Squared L2 distance of the guide across every grid edge, plus ``cost_offset``.
+
+    Parameters
+    ----------
+    guide : Tensor
+        ``(B, C, H, W)`` guide embedding.
+    cost_offset : float
+        Constant added to every cost.
+
+    Returns
+    -------
+    Tensor
+        ``(B, E)`` costs in the grid's edge order (horizontal edges first).
+    """
+    batch = guide.shape[0]
+    d_h = (guide[:, :, :, 1:] - guide[:, :, :, :-1]).square().sum(1).reshape(batch, -1)
+    d_v = (guide[:, :, 1:, :] - guide[:, :, :-1, :]).square().sum(1).reshape(batch, -1)
+    cost = torch.cat([d_h, d_v], dim=1)
+    return cost + cost_offset if cost_offset else cost
+
+
+def edge_endpoints(edge_ids: Tensor, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
+    """Endpoints and direction of grid edges given by global id.
+
+    Parameters
+    ----------
+    edge_ids : Tensor
+        ``(M,)`` int64 global edge ids ``b*E + e``.
+    height, width : int
+        Grid size.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``u``, ``v`` (``(M,)`` int64 global vertex ids, ``v`` right of or below ``u``) and
+        ``direction`` (``(M,)`` int64, 0 for horizontal, 1 for vertical: the direction u->v).
+    """
+    num_edges = num_grid_edges(height, width)
+    num_h = height * (width - 1)
+    image, local = edge_ids // num_edges, edge_ids % num_edges
+    vertical = local >= num_h
+    # horizontal edge e = i*(W-1) + j starts at i*W + j; vertical edge e' starts at e'
+    u_h = local + local // max(width - 1, 1)
+    u = torch.where(vertical, local - num_h, u_h) + image * (height * width)
+    v = u + torch.where(vertical, width, 1)
+    return u, v, vertical.long()
+
+
+def edge_keys(cost: Tensor) -> Tensor:
+    """Integer keys that order edges by (cost, global edge id), the id in the low 31 bits.
+
+    Parameters
+    ----------
+    cost : Tensor
+        ``(B, E)`` float32 or float64 edge costs.
+
+    Returns
+    -------
+    Tensor
+        ``(B*E,)`` int64 keys with the low 31 bits zero. OR-ing the edge's position in an
+        id-ordered edge list into the low bits gives a strict order by (cost, edge id).
+    """
+    flat = cost.reshape(-1)
+    if flat.numel() > _ID_MASK:
+        raise ValueError(f"too many grid edges ({flat.numel()}) for 31-bit edge ids")
+    if flat.dtype == torch.float32:
+        # IEEE-754 bits, made monotone over negative values, shifted to [0, 2**32)
+        bits = flat.view(torch.int32).long()
+        order_bits = torch.where(bits < 0, ~bits, bits + (1 << 31))
+        return order_bits << _ID_BITS
+    # exact ordering for float64: rank by a stable sort, so equal costs keep id order
+    order = torch.sort(flat, stable=True).indices
+    rank = torch.empty_like(order)
+    rank[order] = torch.arange(flat.numel(), device=flat.device)
+    return rank << _ID_BITS
+
+
+@torch.no_grad()
+def boruvka_mst(cost: Tensor, height: int, width: int) -> tuple[Tensor, int]:
+    """Minimum spanning forest of a batch of grids by Boruvka's algorithm with tensor ops.
+
+    Each round, every component picks its cheapest outgoing edge (``scatter_reduce`` amin over
+    keys ordered by (cost, edge id), so the choice is unique and no cycle other than a mutual
+    pair can form), hooks onto the component at the other end, the mutual pairs are broken by
+    component id, and labels are shortcut by pointer jumping. Intra-component edges are then
+    dropped. At least half of the components disappear every round: O(log N) rounds.
+
+    Parameters
+    ----------
+    cost : Tensor
+        ``(B, E)`` edge costs (float32 or float64) in grid edge order.
+    height, width : int
+        Grid size, ``E == num_grid_edges(height, width)``.
+
+    Returns
+    -------
+    tuple
+        ``(edge_ids, rounds)``: ``(B*(N-1),)`` int64 sorted global ids of the tree edges and
+        the number of Boruvka rounds.
+    """
+    batch, num_edges = cost.shape
+    if num_edges != num_grid_edges(height, width):
+        raise ValueError(f"cost has {num_edges} edges, a {height}x{width} grid has {num_grid_edges(height, width)}")
+    device = cost.device
+    key_high = edge_keys(cost)
+    edge_id = torch.arange(batch * num_edges, device=device)
+    end_u, end_v, _ = edge_endpoints(edge_id, height, width)
+    num_comp = batch * height * width
+    chosen: list[Tensor] = []
+    rounds = 0
+    while edge_id.numel() > 0:
+        rounds += 1
+        position = torch.arange(edge_id.numel(), device=device)
+        key = key_high | position
+        best = torch.full((num_comp,), _INT64_MAX, dtype=torch.int64, device=device)
+        best.scatter_reduce_(0, torch.cat([end_u, end_v]), torch.cat([key, key]), "amin")
+        comp = torch.nonzero(best != _INT64_MAX).squeeze(1)
+        pos = best[comp] & _ID_MASK
+        cu, cv = end_u[pos], end_v[pos]
+        ids = torch.arange(num_comp, device=device)
+        parent = ids.clone()
+        parent[comp] = torch.where(cu == comp, cv, cu)
+        # the only cycles are pairs that chose the same edge: the smaller id becomes the root
+        mutual = (parent[parent] == ids) & (ids < parent)
+        parent = torch.where(mutual, ids, parent)
+        chosen.append(edge_id[pos[parent[comp] != comp]])
+        parent = _shortcut(parent)
+        is_root = parent == ids
+        new_label = torch.cumsum(is_root, 0) - 1
+        relabel = new_label[parent]
+        num_comp = int(new_label[-1]) + 1
+        end_u, end_v = relabel[end_u], relabel[end_v]
+        keep = end_u != end_v
+        end_u, end_v, key_high, edge_id = end_u[keep], end_v[keep], key_high[keep], edge_id[keep]
+    if not chosen:
+        return torch.zeros(0, dtype=torch.int64, device=device), 0
+    return torch.sort(torch.cat(chosen)).values, rounds
+
+
+def _shortcut(parent: Tensor) -> Tensor:
+    """Pointer jumping until every vertex points at the root of its tree."""
+    while True:
+        grand = parent[parent]
+        if torch.equal(grand, parent):
+            return parent
+        parent = grand
+
+
+def _next_direction_table(device: torch.device) -> Tensor:
+    """``(64,)`` int64 table: entry ``mask*4 + d`` is the first direction after ``d``
+    (cyclically: d+1, d+2, d+3, d) whose bit is set in the 4-bit ``mask``; 0 for mask 0."""
+    table = torch.zeros(16, 4, dtype=torch.int64)
+    for mask in range(1, 16):
+        for d in range(4):
+            for k in range(1, 5):
+                if mask >> ((d + k) % 4) & 1:
+                    table[mask, d] = (d + k) % 4
+                    break
+    return table.reshape(-1).to(device)
+
+
+@torch.no_grad()
+def root_by_euler_tour(edge_ids: Tensor, batch: int, height: int, width: int) -> RootedTree:
+    """Orient a spanning forest of grids towards pixel (0, 0) of each image.
+
+    The Euler tour of a tree visits every edge twice, once in each direction; the direction
+    taken first (from the root) points from parent to child. The tour's successor of the
+    arc ``u -> v`` is the arc leaving ``v`` right after ``v -> u`` in ``v``'s cyclic list of
+    directions; the tours are cut at each root and ranked by pointer jumping (Wyllie's list
+    ranking): ceil(log2(2(N-1))) rounds of gathers.
+
+    Parameters
+    ----------
+    edge_ids : Tensor
+        ``(B*(N-1),)`` int64 sorted global ids of the tree edges.
+    batch, height, width : int
+        Batch size and grid size.
+
+    Returns
+    -------
+    RootedTree
+        The rooted forest (``num_rounds`` is 0; the caller fills it).
+    """
+    device = edge_ids.device
+    num_vertices = height * width
+    total = batch * num_vertices
+    vertex = torch.arange(total, device=device)
+    u, v, direction = edge_endpoints(edge_ids, height, width)
+    num_tree = edge_ids.numel()
+    if num_tree == 0:
+        return RootedTree(vertex, u, v, torch.zeros_like(vertex), 0)
+
+    src = torch.cat([u, v])
+    dst = torch.cat([v, u])
+    arc_dir = torch.cat([direction, direction + 2])
+    num_arcs = 2 * num_tree
+    arc = torch.arange(num_arcs, device=device)
+    slot = torch.full((4 * total,), -1, dtype=torch.int64, device=device)
+    slot[src * 4 + arc_dir] = arc
+    # each (vertex, direction) appears once, so the sum of the bits is their OR
+    mask = torch.zeros(total, dtype=torch.int64, device=device).index_add_(0, src, 1 << arc_dir)
+    table = _next_direction_table(device)
+    successor = slot[dst * 4 + table[mask[dst] * 4 + (arc_dir + 2) % 4]]
+
+    roots = torch.arange(batch, device=device) * num_vertices
+    first_arc = slot[roots * 4 + table[mask[roots] * 4 + 3]]
+    is_first = torch.zeros(num_arcs, dtype=torch.bool, device=device)
+    is_first[first_arc] = True
+    is_last = is_first[successor]
+    index_dtype = torch.int32 if num_arcs < 2**31 else torch.int64
+    successor = torch.where(is_last, arc, successor).to(index_dtype)
+    remaining = (~is_last).to(index_dtype)  # arcs still to walk to the end of the tour
+    length = 1
+    while length < 2 * num_vertices - 3:  # the longest distance to a tour's end
+        remaining = remaining + remaining.index_select(0, successor)
+        successor = successor.index_select(0, successor)
+        length *= 2
+    down = remaining[:num_tree] > remaining[num_tree:]  # u -> v comes first: u is the parent
+
+    child = torch.where(down, v, u)
+    par = torch.where(down, u, v)
+    parent = vertex.clone()
+    parent[child] = par
+    edge_of_vertex = torch.full((total,), num_tree, dtype=torch.int64, device=device)
+    edge_of_vertex[child] = torch.arange(num_tree, device=device)
+    return RootedTree(parent, child, par, edge_of_vertex, 0)
+
+
+@torch.no_grad()
+def rooted_mst(guide: Tensor, cost_offset: float = 0.0) -> RootedTree:
+    """Minimum spanning forest of the guide's grids, rooted, with tensor ops on its device.
+
+    Parameters
+    ----------
+    guide : Tensor
+        ``(B, C, H, W)`` float32 or float64 guide; edge cost is the squared L2 distance of
+        neighbouring guide vectors plus ``cost_offset``.
+    cost_offset : float
+        Constant added to every edge cost before the tree is chosen. It never changes which
+        tree is minimal, only how floating-point rounding merges nearly equal costs.
+
+    Returns
+    -------
+    RootedTree
+        ``num_rounds`` is the number of Boruvka rounds.
+    """
+    batch, _, height, width = guide.shape
+    cost = grid_edge_costs(guide.detach(), cost_offset)
+    edge_ids, rounds = boruvka_mst(cost, height, width)
+    tree = root_by_euler_tour(edge_ids, batch, height, width)
+    return tree._replace(num_rounds=rounds)
+
+
+@torch.no_grad()
+def scipy_rooted_tree(guide: Tensor, cost_offset: float = 0.0) -> tuple[RootedTree, np.ndarray]:
+    """Reference construction: scipy MST and breadth-first order, one image at a time.
+
+    scipy drops zero-weight edges and breaks ties its own way, so it is given the rank of
+    each edge in the (cost, edge id) order (1-based) instead of the cost: the minimum
+    spanning tree for these distinct weights is the one :func:`boruvka_mst` returns.
+
+    Parameters
+    ----------
+    guide : Tensor
+        ``(B, C, H, W)`` guide (any device; the tree is computed on the CPU).
+    cost_offset : float
+        As in :func:`rooted_mst`.
+
+    Returns
+    -------
+    tuple
+        ``(tree, depth)``: the rooted forest on the guide's device and ``(B*N,)`` int64
+        numpy depths of the vertices (0 at the roots).
+    """
+    from scipy.sparse import coo_matrix
+    from scipy.sparse.csgraph import breadth_first_order, minimum_spanning_tree
+
+    batch, _, height, width = guide.shape
+    num_vertices, num_edges = height * width, num_grid_edges(height, width)
+    keys = edge_keys(grid_edge_costs(guide.detach(), cost_offset)).cpu().numpy().reshape(batch, num_edges)
+    local_u, local_v, _ = (t.numpy() for t in edge_endpoints(torch.arange(num_edges), height, width))
+    parent = np.arange(batch * num_vertices)
+    depth = np.zeros(batch * num_vertices, dtype=np.int64)
+    for b in range(batch):
+        offset = b * num_vertices
+        if num_vertices == 1:
+            continue
+        order = np.lexsort((np.arange(num_edges), keys[b]))
+        weight = np.empty(num_edges)
+        weight[order] = np.arange(1, num_edges + 1)
+        graph = coo_matrix((weight, (local_u, local_v)), shape=(num_vertices, num_vertices)).tocsr()
+        mst = minimum_spanning_tree(graph)
+        visit, pred = breadth_first_order(mst, 0, directed=False, return_predecessors=True)
+        parent[offset + visit[1:]] = offset + pred[visit[1:]]
+        depth[offset + visit] = _bfs_depths(visit, pred)
+    parent_t = torch.from_numpy(parent).to(guide.device)
+    vertex = torch.arange(batch * num_vertices, device=guide.device)
+    child = torch.nonzero(parent_t != vertex).squeeze(1)
+    par = parent_t[child]
+    # order the edges by global edge id, as the tensor path does
+    lo, hi = torch.minimum(child, par), torch.maximum(child, par)
+    image, local_lo = lo // num_vertices, lo % num_vertices
+    local_edge = torch.where(hi - lo == 1, local_lo - local_lo // width, height * (width - 1) + local_lo)
+    order = torch.argsort(image * num_edges + local_edge)
+    child, par = child[order], par[order]
+    edge_of_vertex = torch.full((batch * num_vertices,), child.numel(), dtype=torch.int64, device=guide.device)
+    edge_of_vertex[child] = torch.arange(child.numel(), device=guide.device)
+    return RootedTree(parent_t, child, par, edge_of_vertex, 0), depth
+
+
+def _bfs_depths(visit: np.ndarray, pred: np.ndarray) -> np.ndarray:
+    """Depths of the vertices in breadth-first order ``visit``, vectorised level by level.
+
+    In BFS order the depth is non-decreasing, and a level ends where the parents of the
+    vertices that follow have all been visited in the previous level.
+    """
+    depth = np.zeros(visit.size, dtype=np.int64)  # indexed by position in visit
+    position = np.empty(visit.size, dtype=np.int64)
+    position[visit] = np.arange(visit.size)
+    parent_position = np.zeros(visit.size, dtype=np.int64)
+    parent_position[1:] = position[pred[visit[1:]]]
+    start, end = 0, 1
+    level = 0
+    while end < visit.size:
+        # the next level is every vertex whose parent lies in [start, end)
+        nxt = end + int(np.searchsorted(parent_position[end:], end, side="left"))
+        level += 1
+        depth[end:nxt] = level
+        start, end = end, nxt
+    return depth

@@ -1,0 +1,164 @@
+"""The base of every server strategy: which parameters are shared, how replies combine.
+
+A method subclasses :class:`PersonalizedStrategy` and overrides class attributes or hooks:
+
+- ``share_include`` / ``share_exclude``: parameter groups (see :mod:`networks.groups`) that
+  travel between server and sites; everything else stays personal on the site. The sites learn
+  the groups from the round's config, so both sides agree without importing each other.
+- :meth:`payload_for`: the arrays one node receives (personalised per node where a method
+  needs it).
+- :meth:`aggregate_arrays`: how the replies' arrays combine (sample-weighted mean by default).
+"""
+from __future__ import annotations
+
+import logging
+import time
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
+
+import numpy as np
+from flwr.app import (Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord,
+                      RecordDict)
+from flwr.serverapp import Grid
+from flwr.serverapp.strategy import Strategy
+from torch import nn
+
+from networks.groups import select_keys
+
+from .aggregation import mean_metrics, weighted_mean
+from .reporting import RunReporter
+
+log = logging.getLogger("fedicra.server")
+
+ALL_GROUPS = ("encoder", "pcs", "decoder", "out_conv", "aux")
+#: RunConfig keys that concern only the launching machine, never sent to sites.
+LOCAL_ONLY_KEYS = ("gpus", "mode", "port", "cpus_per_client")
+
+
+def to_numpy(record: ArrayRecord) -> Dict[str, np.ndarray]:
+    return {k: v.numpy() for k, v in record.items()}
+
+
+def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
+    return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
+
+
+class PersonalizedStrategy(Strategy):
+    """Sample-weighted averaging of the shared parameter groups, every node every round.
+
+    Parameters
+    ----------
+    cfg : RunConfig
+        The run configuration (sent to the sites with every message, minus local-only keys).
+    reporter : RunReporter, optional
+        Where rounds are recorded; ``None`` records nothing (unit tests).
+    node_timeout : float
+        Seconds to wait for ``cfg.num_clients`` nodes to connect before failing.
+    """
+
+    name = "base"
+    share_include: Tuple[str, ...] = ALL_GROUPS
+    share_exclude: Tuple[str, ...] = ()
+
+    def __init__(self, cfg, reporter: Optional[RunReporter] = None,
+                 node_timeout: float = 600.0) -> None:
+        self.cfg = cfg
+        self.reporter = reporter
+        self.node_timeout = node_timeout
+        self.node_ids: List[int] = []
+
+    # ------------------------------------------------------------------ hooks
+    def shared_keys(self, model: nn.Module) -> List[str]:
+        return select_keys(model, list(self.share_include), list(self.share_exclude))
+
+    def initial_arrays(self, model: nn.Module) -> Dict[str, np.ndarray]:
+        sd = model.state_dict()
+        return {k: sd[k].detach().cpu().numpy() for k in self.shared_keys(model)}
+
+    def payload_for(self, node_id: int, arrays: ArrayRecord) -> ArrayRecord:
+        return arrays
+
+    def aggregate_arrays(self, server_round: int, replies: Sequence[Mapping[str, np.ndarray]],
+                         weights: Sequence[float]) -> Dict[str, np.ndarray]:
+        if not replies or not replies[0]:
+            return {}
+        return weighted_mean(replies, weights)
+
+    def round_config(self, server_round: int) -> Dict[str, object]:
+        return {}
+
+    # ------------------------------------------------------------------ Flower Strategy API
+    def summary(self) -> None:
+        log.info("strategy %s: share %s, keep local %s, %d clients", self.name,
+                 ",".join(self.share_include) or "nothing", ",".join(self.share_exclude) or "-",
+                 self.cfg.num_clients)
+
+    def message_config(self, base: ConfigRecord, server_round: int) -> ConfigRecord:
+        values = {k: v for k, v in base.items() if k not in LOCAL_ONLY_KEYS}
+        values.update({"server-round": server_round,
+                       "share-include": ",".join(self.share_include),
+                       "share-exclude": ",".join(self.share_exclude)})
+        values.update(self.round_config(server_round))
+        return ConfigRecord(values)
+
+    def wait_for_nodes(self, grid: Grid) -> List[int]:
+        deadline = time.monotonic() + self.node_timeout
+        while True:
+            nodes = sorted(grid.get_node_ids())
+            if len(nodes) >= self.cfg.num_clients:
+                self.node_ids = nodes[: self.cfg.num_clients]
+                return self.node_ids
+            if time.monotonic() > deadline:
+                raise TimeoutError(
+                    f"only {len(nodes)} of {self.cfg.num_clients} nodes connected within "
+                    f"{self.node_timeout:.0f} s")
+            time.sleep(0.2)
+
+    def configure_train(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                        grid: Grid) -> Iterable[Message]:
+        nodes = self.wait_for_nodes(grid)
+        msg_config = self.message_config(config, server_round)
+        return [Message(RecordDict({"arrays": self.payload_for(n, arrays), "config": msg_config}),
+                        dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
+
+    def _valid(self, server_round: int, replies: Iterable[Message], phase: str) -> List[RecordDict]:
+        replies = list(replies)
+        failed = [m for m in replies if m.has_error()]
+        if failed:
+            reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
+            raise RuntimeError(f"round {server_round} {phase}: {len(failed)} client(s) failed: {reasons}")
+        if len(replies) < len(self.node_ids):
+            raise RuntimeError(f"round {server_round} {phase}: {len(replies)} of "
+                               f"{len(self.node_ids)} clients answered")
+        return [m.content for m in replies]
+
+    def aggregate_train(self, server_round: int, replies: Iterable[Message]
+                        ) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
+        contents = self._valid(server_round, replies, "train")
+        metrics = [dict(c["metrics"]) for c in contents]
+        weights = [float(m["num-examples"]) for m in metrics]
+        arrays = self.aggregate_arrays(server_round, [to_numpy(c["arrays"]) for c in contents], weights)
+        aggregated = mean_metrics(metrics, weights)
+        val = [m for m in metrics if "val_dice" in m]
+        if val:  # sites validate on the same rounds; the plain mean weighs every site equally
+            aggregated["val_dice"] = float(np.mean([m["val_dice"] for m in val]))
+        if self.reporter is not None:
+            self.reporter.record_round(server_round, metrics, aggregated, arrays, len(self.node_ids))
+        return to_record(arrays), MetricRecord(aggregated)
+
+    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
+                           grid: Grid) -> Iterable[Message]:
+        if server_round < self.cfg.rounds:
+            return []
+        msg_config = self.message_config(config, server_round)
+        return [Message(RecordDict({"arrays": ArrayRecord(), "config": msg_config}),
+                        dst_node_id=n, message_type=MessageType.EVALUATE) for n in self.node_ids]
+
+    def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
+                           ) -> Optional[MetricRecord]:
+        contents = self._valid(server_round, replies, "evaluate")
+        if not contents:
+            return None
+        metrics = [dict(c["metrics"]) for c in contents]
+        if self.reporter is not None:
+            self.reporter.record_final(metrics)
+        return MetricRecord({"val_dice": float(np.mean([m["val_dice"] for m in metrics]))})

@@ -1,0 +1,9 @@
+"""FedALA (Zhang et al., AAAI 2023): FedAvg on the server; sites blend the decoder side with
+learned element-wise weights before training."""
+from .base import PersonalizedStrategy
+from .registry import register_strategy
+
+
+@register_strategy("FedALA")
+class FedALA(PersonalizedStrategy):
+    """All groups shared; adaptive local aggregation happens on the sites."""

@@ -1,0 +1,99 @@
+"""What the server writes about a run: metrics.csv, TensorBoard, global checkpoints, progress."""
+from __future__ import annotations
+
+import csv
+import logging
+import math
+import time
+from pathlib import Path
+from typing import Dict, List, Mapping, Optional, Sequence
+
+import numpy as np
+
+from networks.checkpoint import save_atomic
+
+log = logging.getLogger("fedicra.server")
+
+#: Columns of metrics.csv; loss terms a method does not produce stay empty.
+CSV_COLUMNS = ("round", "client", "num_examples", "total", "pce", "tree", "crf", "sc", "extra",
+               "lr", "val_dice", "best_val_dice", "seconds")
+
+
+def _fmt_seconds(seconds: float) -> str:
+    seconds = int(round(seconds))
+    minutes, sec = divmod(seconds, 60)
+    hours, minutes = divmod(minutes, 60)
+    return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
+
+
+class RunReporter:
+    """Records every round of one run under ``out_dir``.
+
+    Parameters
+    ----------
+    out_dir : Path
+        The experiment folder (``model/<exp>``).
+    rounds : int
+        Planned number of rounds (for the ETA).
+    """
+
+    def __init__(self, out_dir: Path, rounds: int) -> None:
+        self.out_dir = Path(out_dir)
+        self.rounds = rounds
+        self.start = time.perf_counter()
+        self.best_val = -math.inf
+        self.csv_path = self.out_dir / "metrics.csv"
+        self.out_dir.mkdir(parents=True, exist_ok=True)
+        with open(self.csv_path, "w", newline="") as f:
+            csv.writer(f).writerow(CSV_COLUMNS)
+        self._writer = None
+
+    @property
+    def writer(self):
+        if self._writer is None:
+            from torch.utils.tensorboard import SummaryWriter
+
+            self._writer = SummaryWriter(str(self.out_dir / "tb" / "server"))
+        return self._writer
+
+    def close(self) -> None:
+        if self._writer is not None:
+            self._writer.close()
+            self._writer = None
+
+    def record_round(self, server_round: int, client_metrics: Sequence[Mapping[str, float]],
+                     aggregated: Mapping[str, float], global_arrays: Mapping[str, np.ndarray],
+                     expected_clients: int) -> None:
+        """Append one row per client to metrics.csv, log aggregates, checkpoint the global model."""
+        with open(self.csv_path, "a", newline="") as f:
+            out = csv.writer(f)
+            for m in sorted(client_metrics, key=lambda m: m.get("cid", -1)):
+                row = {"round": server_round, "client": int(m.get("cid", -1)),
+                       "num_examples": int(m.get("num-examples", 0))}
+                row.update({k: m[k] for k in CSV_COLUMNS if k in m and k not in row})
+                out.writerow([row.get(c, "") for c in CSV_COLUMNS])
+        for key, value in aggregated.items():
+            if key not in ("cid", "num-examples"):
+                self.writer.add_scalar(f"server/{key}", value, server_round)
+        self.writer.flush()
+        state = {"round": server_round, "arrays": dict(global_arrays)}
+        save_atomic(state, self.out_dir / "global" / "latest.pt")
+        val = aggregated.get("val_dice")
+        if val is not None and val > self.best_val:
+            self.best_val = float(val)
+            save_atomic(dict(state, val_dice=self.best_val), self.out_dir / "global" / "best.pt")
+        self._progress(server_round, len(client_metrics), expected_clients, aggregated)
+
+    def _progress(self, server_round: int, answered: int, expected: int,
+                  aggregated: Mapping[str, float]) -> None:
+        elapsed = time.perf_counter() - self.start
+        eta = elapsed / server_round * (self.rounds - server_round)
+        val = aggregated.get("val_dice")
+        log.info("round %d/%d | clients %d/%d | train loss %.4f | val dice %s | %s elapsed | ETA %s",
+                 server_round, self.rounds, answered, expected, aggregated.get("total", float("nan")),
+                 "-" if val is None else f"{val:.4f}", _fmt_seconds(elapsed), _fmt_seconds(eta))
+
+    def record_final(self, client_metrics: Sequence[Mapping[str, float]]) -> None:
+        for m in sorted(client_metrics, key=lambda m: m.get("cid", -1)):
+            log.info("final validation | client %d | dice %.4f", int(m.get("cid", -1)),
+                     m.get("val_dice", float("nan")))

@@ -1,0 +1,60 @@
+"""Shared fixtures: tiny HDF5 federations written directly with h5layout, and the real FAZ path."""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Callable, Optional
+
+import numpy as np
+import pytest
+
+from dataloaders import h5layout
+from dataloaders.tasks import WEAK_FORM_KEYS, get_task
+
+REPO = Path(__file__).resolve().parents[1]
+
+
+def real_faz_root() -> Path:
+    """Real FAZ PNG release: ``$FAZ_ROOT`` or ``../shared/data/FAZ`` beside the checkout."""
+    env = os.environ.get("FAZ_ROOT")
+    return Path(env) if env else REPO.parent / "shared" / "data" / "FAZ"
+
+
+@pytest.fixture
+def faz_png_root() -> Path:
+    root = real_faz_root()
+    if not (root / "Domain1").is_dir():
+        pytest.skip(f"real FAZ data not found at {root} (set FAZ_ROOT)")
+    return root
+
+
+def write_random_case(path: Path, task_name: str, site: int, size: int,
+                      rng: np.random.Generator, with_mask: bool = True) -> None:
+    """One random but valid case: disk-shaped mask, weak label = mask with unlabelled holes."""
+    task = get_task(task_name)
+    shape = (size, size) if task.in_chns == 1 else (task.in_chns, size, size)
+    image = rng.random(shape, dtype=np.float32)
+    yy, xx = np.mgrid[:size, :size]
+    r = np.hypot(yy - size / 2, xx - size / 2)
+    mask = np.zeros((size, size), np.uint8)
+    for c in range(1, task.num_classes):  # nested disks: class c inside radius ~ size/(2+c)
+        mask[r < size / (2 + c) + rng.uniform(-1, 1)] = c
+    weak = np.where(rng.random((size, size)) < 0.3, mask, task.unlabelled).astype(np.uint8)
+    key = WEAK_FORM_KEYS[task.site(site).weak_form]
+    h5layout.write_case(path, image, mask if with_mask else None, {key: weak})
+
+
+@pytest.fixture
+def make_h5_site() -> Callable[..., Path]:
+    """Factory ``make(root, task, site, n_train, n_test, size=32, seed=0)`` -> root."""
+
+    def make(root: Path, task: str, site: int, n_train: int, n_test: int, size: int = 32,
+             seed: int = 0, with_mask: bool = True) -> Path:
+        rng = np.random.default_rng(seed)
+        for split, n in (("train", n_train), ("test", n_test)):
+            for i in range(n):
+                path = h5layout.site_dir(root, site, split) / f"case{i:03d}.h5"
+                write_random_case(path, task, site, size, rng, with_mask)
+        return root
+
+    return make
