@@ -145,6 +145,8 @@ class SiteTrainer:
             if k not in arrays:
                 raise KeyError(f"client {self.cid}: received arrays lack {k!r}")
             value = torch.as_tensor(np.asarray(arrays[k]))
+            if value.dim() == 1 and value.numel() == 1 and sd[k].dim() == 0:
+                value = value.reshape(())  # Flower transports 0-d arrays as shape (1,)
             if tuple(value.shape) != tuple(sd[k].shape):
                 raise ValueError(
                     f"client {self.cid}: array {k!r} has shape {tuple(value.shape)}, "

@@ -80,11 +80,11 @@ class OdocStyle:
 
 
 FAZ_STYLES: Tuple[FazStyle, ...] = (
-    FazStyle(0.09, 0.06, 1.00, 0.85, 0.04, 0.4, 1.3, 1.0, 7),   # FAZID: bright, thick vessels
-    FazStyle(0.11, 0.00, 0.80, 1.10, 0.06, 0.2, 0.8, 0.8, 5),   # OCTA500-3M: fine, darker
-    FazStyle(0.075, 0.03, 0.90, 1.00, 0.05, 0.7, 1.0, 0.9, 9),  # OCTA500-6M: small FAZ, blurry
-    FazStyle(0.12, -0.02, 0.65, 1.25, 0.09, 0.3, 0.9, 0.85, 6),  # OCTA-25K: dark, noisy, big FAZ
-    FazStyle(0.10, 0.10, 0.75, 0.70, 0.03, 0.5, 1.1, 1.2, 8),   # ROSE: washed out, coarse mesh
+    FazStyle(0.09, 0.04, 1.00, 0.90, 0.04, 0.4, 0.72, 1.0, 9),   # FAZID: bright vessels
+    FazStyle(0.11, 0.00, 0.85, 1.10, 0.06, 0.2, 0.55, 0.8, 7),   # OCTA500-3M: fine, darker
+    FazStyle(0.075, 0.02, 0.90, 1.00, 0.05, 0.6, 0.65, 0.9, 10),  # OCTA500-6M: small FAZ, blurry
+    FazStyle(0.12, -0.02, 0.70, 1.25, 0.08, 0.3, 0.6, 0.85, 8),  # OCTA-25K: dark, noisy, big FAZ
+    FazStyle(0.10, 0.04, 0.80, 0.85, 0.03, 0.5, 0.7, 1.2, 9),    # ROSE: washed out, coarse mesh
 )
 ODOC_STYLES: Tuple[OdocStyle, ...] = (
     OdocStyle(0.22, (0.62, 0.26, 0.10), (0.90, 0.62, 0.36), (0.98, 0.86, 0.66),
@@ -132,8 +132,8 @@ def _vessel_paths(rng: np.random.Generator, starts: np.ndarray, headings: np.nda
                   ) -> List[Tuple[np.ndarray, np.ndarray, float]]:
     """Branching vessels as a list of (ys, xs, width) poly-lines.
 
-    The heading deviates from its start value by a smooth AR(1) process (a meandering but not
-    spiralling course). ``stop = (y, x, r)`` ends the trunks within ``r`` of a point, as the
+    The curvature is a smooth AR(1) process and the heading its running sum, so vessels bend
+    gently and wander further from their start heading the longer they run. ``stop = (y, x, r)`` ends the trunks within ``r`` of a point, as the
     large vessels of the macula end before the avascular zone. Each trunk sprouts thinner,
     shorter branches down to ``depth`` levels.
     """
@@ -141,7 +141,7 @@ def _vessel_paths(rng: np.random.Generator, starts: np.ndarray, headings: np.nda
     step = 0.7
     for start, heading in zip(starts, headings):
         n = max(int(length / step), 2)
-        theta = heading + lfilter([1.0], [1.0, -0.95], rng.normal(0.0, wander, n))
+        theta = heading + np.cumsum(lfilter([1.0], [1.0, -0.9], rng.normal(0.0, wander, n)))
         ys = start[0] + np.cumsum(step * np.sin(theta))
         xs = start[1] + np.cumsum(step * np.cos(theta))
         if stop is not None:
@@ -222,7 +222,8 @@ def faz_case(size: int, style: FazStyle, rng: np.random.Generator) -> Tuple[np.n
     cs = style.capillary_scale * scale
     band = ndi.gaussian_filter(rng.normal(size=(size, size)), cs) \
         - ndi.gaussian_filter(rng.normal(size=(size, size)), 2.5 * cs)
-    mesh = np.exp(-(band / (0.35 * band.std() + 1e-12)) ** 2)
+    mesh = np.exp(-(band / (0.45 * band.std() + 1e-12)) ** 2)
+    mesh = ndi.gaussian_filter(mesh, 0.4 * scale)
     mesh *= 0.6 + 0.4 * np.clip(0.5 + 0.5 * _smooth_noise(size, 6 * scale, rng), 0, 1)
 
     # Large vessels enter from the border, run towards the fovea and end before its zone.
@@ -231,17 +232,17 @@ def faz_case(size: int, style: FazStyle, rng: np.random.Generator) -> Tuple[np.n
     reach = size * rng.uniform(0.6, 0.8, n)
     starts = np.stack([centre[0] - np.sin(angles) * reach, centre[1] - np.cos(angles) * reach], 1)
     headings = angles + rng.normal(0, 0.35, n)
-    paths = _vessel_paths(rng, starts, headings, size * 0.8, style.vessel_width * scale, 0.05,
-                          depth=2, stop=(centre[0], centre[1], radius * rng.uniform(1.6, 2.6)))
+    paths = _vessel_paths(rng, starts, headings, size * 0.8, style.vessel_width * scale, 0.008,
+                          depth=2, stop=(centre[0], centre[1], radius * rng.uniform(1.2, 2.0)))
     vessels = _render(paths, size)
 
     # Large vessels stay away from the zone; only the capillary mesh reaches its edge.
-    vessels *= np.clip((outside - 0.5 * radius) / (1.5 * radius), 0.0, 1.0)
-    signal = np.maximum(0.6 * mesh * density, 0.95 * vessels)
+    vessels *= np.clip((outside - 0.3 * radius) / radius, 0.0, 1.0)
+    signal = np.maximum(0.7 * mesh * density, np.minimum(1.6 * vessels, 1.0))
     # Shadow artefacts (floaters, vignetting) darken patches of the network elsewhere.
-    shadow = 1.0 - 0.55 * np.clip(_smooth_noise(size, 10 * scale, rng) - 0.6, 0, None)
+    shadow = 1.0 - 0.35 * np.clip(_smooth_noise(size, 10 * scale, rng) - 0.9, 0, None)
     bias = 1.0 + 0.15 * _smooth_noise(size, 20 * scale, rng)
-    floor = 0.10 + 0.05 * rng.random((size, size))
+    floor = 0.06 + 0.05 * rng.random((size, size))
     image = (floor + signal) * shadow * bias
     image = _finish(image, style.brightness, style.contrast, style.gamma, style.noise,
                     style.blur * scale, rng)
@@ -302,7 +303,7 @@ def odoc_case(size: int, style: OdocStyle, rng: np.random.Generator) -> Tuple[np
     origin = np.array([centre[0] + shift[0], centre[1] + shift[1]])
     starts = origin + 0.3 * rc * np.stack([np.sin(headings), np.cos(headings)], 1)
     paths = _vessel_paths(rng, starts, headings, size * rng.uniform(0.6, 0.9),
-                          1.2 * scale, 0.04, depth=2)
+                          1.2 * scale, 0.006, depth=2)
     vessels = _render(paths, size)
     image = image * (1.0 - vessels[None] * np.array([0.35, 0.65, 0.6])[:, None, None])
     # A bright reflex band along the vessels is common; a little of it breaks simple thresholds.

@@ -101,7 +101,7 @@ def gated_crf_loss(
     n = b * h * w
     xy_scale = (d * d) / (2.0 * sigma_xy * sigma_xy)
     rgb_scale = 1.0 / (2.0 * sigma_rgb * sigma_rgb)
-    need_grad = p.requires_grad
+    need_grad = torch.is_grad_enabled() and p.requires_grad
 
     with torch.no_grad():
         pd = p.detach()

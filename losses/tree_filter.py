@@ -29,13 +29,15 @@ requires grad, the guide.
 
 from __future__ import annotations
 
+import math
+
 import numpy as np
 import torch
 from torch import Tensor
 
 from losses.mst import RootedTree, rooted_mst, scipy_rooted_tree
 
-__all__ = ["tree_filter", "build_tree", "tree_edge_weights", "filter_on_tree", "doubling_tables"]
+__all__ = ["tree_filter", "build_tree", "tree_edge_weights", "flushed_exp", "filter_on_tree", "doubling_tables"]
 
 _BACKENDS = ("torch", "scipy")
 
@@ -114,7 +116,7 @@ def build_tree(guide: Tensor, cost_offset: float = 0.0, backend: str = "torch") 
 
 
 def tree_edge_weights(guide: Tensor, tree: RootedTree, sigma: float) -> tuple[Tensor, Tensor]:
-    """Differentiable weights of the tree edges, per vertex (edge to its parent).
+    """Differentiable scaled costs of the tree edges, per vertex (edge to its parent).
 
     Parameters
     ----------
@@ -128,48 +130,70 @@ def tree_edge_weights(guide: Tensor, tree: RootedTree, sigma: float) -> tuple[Te
     Returns
     -------
     tuple of Tensor
-        ``w`` and ``1 - w**2`` (computed as ``-expm1(-2 cost / sigma)`` for accuracy when
-        ``w`` is close to 1), each ``(B*H*W,)``; 0 and 1 at the roots.
+        ``s = |g_v - g_p(v)|^2 / sigma`` (the weight is ``exp(-s)``; ``inf`` at the roots,
+        whose weight is 0) and ``1 - w**2`` (as ``-expm1(-2 s)``, accurate when ``w`` is
+        close to 1; 1 at the roots), each ``(B*H*W,)``.
     """
     channels = guide.shape[1]
     flat = guide.transpose(0, 1).reshape(channels, -1)
     cost = (flat.index_select(1, tree.edge_u) - flat.index_select(1, tree.edge_v)).square().sum(0)
-    scaled = cost / sigma
-    weight = torch.cat([torch.exp(-scaled), scaled.new_zeros(1)])
-    keep = torch.cat([-torch.expm1(-2.0 * scaled), scaled.new_ones(1)])
-    return weight[tree.edge_of_vertex], keep[tree.edge_of_vertex]
+    scaled = torch.cat([cost / sigma, cost.new_full((1,), float("inf"))])
+    scaled = scaled.index_select(0, tree.edge_of_vertex)
+    return scaled, -torch.expm1(-2.0 * scaled)
 
 
-def doubling_tables(parent: Tensor, weight: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+def flushed_exp(scaled: Tensor) -> Tensor:
+    """``exp(-scaled)``, with results below the smallest normal number flushed to 0.
+
+    Subnormal floats are valid but make CPU arithmetic orders of magnitude slower; a weight
+    below ``finfo.tiny`` changes a filter output (whose normaliser is >= 1) by less than
+    ``N * finfo.tiny``.
+    """
+    limit = -math.log(torch.finfo(scaled.dtype).tiny)
+    return torch.exp(-torch.where(scaled > limit, float("inf"), scaled))
+
+
+def doubling_tables(parent: Tensor, scaled: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
     """Ancestor tables for pointer doubling.
 
-    Round ``k`` holds, for the vertices whose ``2**k``-th ancestor exists (non-zero product),
-    that ancestor and the product of the weights on the way. Products that underflow to 0
-    drop out early; the rounds stop when no product is left, after at most
-    ``ceil(log2(depth + 1))`` rounds.
+    Round ``k`` holds, for the vertices whose ``2**k``-th ancestor exists with a non-zero
+    weight product, that ancestor and the product of the weights on the way. Products are
+    kept in log form (sums of scaled costs) and flushed to 0 below ``finfo.tiny``
+    (:func:`flushed_exp`); a vertex whose product is 0 stays 0, so each round works on the
+    shrinking set of active vertices. The rounds stop when no product is left, after at
+    most ``ceil(log2(depth + 1))`` rounds.
 
     Parameters
     ----------
     parent : Tensor
         ``(V,)`` int64 parents (roots point to themselves).
-    weight : Tensor
-        ``(V,)`` weight of each vertex's edge to its parent, 0 at the roots.
+    scaled : Tensor
+        ``(V,)`` scaled cost of each vertex's edge to its parent (weight ``exp(-scaled)``),
+        ``inf`` at the roots.
 
     Returns
     -------
     list of tuple
         ``(active, ancestor, product)`` per round, each ``(M_k,)``; ``product`` is
-        differentiable with respect to ``weight``.
+        differentiable with respect to ``scaled``.
     """
+    limit = -math.log(torch.finfo(scaled.dtype).tiny)
     tables = []
-    ancestor, product = parent, weight
-    while True:
-        active = torch.nonzero(product.detach() != 0).squeeze(1)
+    active = torch.nonzero(scaled.detach() <= limit).squeeze(1)
+    full_ancestor, full_scaled = parent, scaled
+    ancestor, path = parent.index_select(0, active), scaled.index_select(0, active)
+    while active.numel() > 0:
+        tables.append((active, ancestor, torch.exp(-path)))
+        # path to the 2**(k+1)-th ancestor = path to the 2**k-th + that one's own path
+        path = path + full_scaled.index_select(0, ancestor)
+        ancestor = full_ancestor.index_select(0, ancestor)
+        keep = torch.nonzero(path.detach() <= limit).squeeze(1)
+        active, ancestor, path = active[keep], ancestor[keep], path[keep]
         if active.numel() == 0:
-            return tables
-        tables.append((active, ancestor[active], product[active]))
-        product = product * product[ancestor]
-        ancestor = ancestor[ancestor]
+            break
+        full_scaled = scaled.new_full(scaled.shape, float("inf")).index_copy(0, active, path)
+        full_ancestor = parent.index_copy(0, active, ancestor)
+    return tables
 
 
 def filter_on_tree(
@@ -206,20 +230,20 @@ def filter_on_tree(
         ``(B, K, H, W)`` filtered values.
     """
     batch, channels, height, width = x.shape
-    weight, keep = tree_edge_weights(guide, tree, sigma)
+    scaled, keep = tree_edge_weights(guide, tree, sigma)
     values = x.transpose(0, 1).reshape(channels, -1)
     values = torch.cat([values, values.new_ones(1, values.shape[1])])  # row K: normaliser
     if depth is None:
-        total = _passes_doubling(values, tree.parent, weight, keep)
+        total = _passes_doubling(values, tree.parent, scaled, keep)
     else:
-        total = _passes_levels(values, tree.parent, weight, keep, depth)
+        total = _passes_levels(values, tree.parent, flushed_exp(scaled), keep, depth)
     out = total[:channels] / total[channels:]
     return out.reshape(channels, batch, height, width).transpose(0, 1)
 
 
-def _passes_doubling(values: Tensor, parent: Tensor, weight: Tensor, keep: Tensor) -> Tensor:
+def _passes_doubling(values: Tensor, parent: Tensor, scaled: Tensor, keep: Tensor) -> Tensor:
     """Upward and downward passes by pointer doubling; ``values`` is ``(K, V)``."""
-    tables = doubling_tables(parent, weight)
+    tables = doubling_tables(parent, scaled)
     up = values
     for active, ancestor, product in tables:
         up = up.index_add(1, ancestor, up.index_select(1, active) * product)

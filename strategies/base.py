@@ -65,6 +65,7 @@ class PersonalizedStrategy(Strategy):
         self.reporter = reporter
         self.node_timeout = node_timeout
         self.node_ids: List[int] = []
+        self._sent = 0
 
     # ------------------------------------------------------------------ hooks
     def shared_keys(self, model: nn.Module) -> List[str]:
@@ -117,6 +118,7 @@ class PersonalizedStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         nodes = self.wait_for_nodes(grid)
         msg_config = self.message_config(config, server_round)
+        self._sent = len(nodes)
         return [Message(RecordDict({"arrays": self.payload_for(n, arrays), "config": msg_config}),
                         dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
 
@@ -126,9 +128,9 @@ class PersonalizedStrategy(Strategy):
         if failed:
             reasons = "; ".join(f"node {m.metadata.src_node_id}: {m.error.reason}" for m in failed)
             raise RuntimeError(f"round {server_round} {phase}: {len(failed)} client(s) failed: {reasons}")
-        if len(replies) < len(self.node_ids):
+        if len(replies) < self._sent:
             raise RuntimeError(f"round {server_round} {phase}: {len(replies)} of "
-                               f"{len(self.node_ids)} clients answered")
+                               f"{self._sent} clients answered")
         return [m.content for m in replies]
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -148,8 +150,10 @@ class PersonalizedStrategy(Strategy):
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
         if server_round < self.cfg.rounds:
+            self._sent = 0
             return []
         msg_config = self.message_config(config, server_round)
+        self._sent = len(self.node_ids)
         return [Message(RecordDict({"arrays": ArrayRecord(), "config": msg_config}),
                         dst_node_id=n, message_type=MessageType.EVALUATE) for n in self.node_ids]
 

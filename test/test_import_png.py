@@ -157,3 +157,20 @@ def test_real_faz_cases_survive_exactly(tmp_path, faz_png_root):
         ds = SiteDataset(tmp_path, "faz", site, "train")
         assert ds.label_form == FAZ.site(site).weak_form
         assert int(ds[0]["label"].max()) == FAZ.unlabelled
+
+
+def test_custom_png_values(tmp_path):
+    values = np.array([200, 10, 90], np.uint8)  # background, FAZ, unlabelled
+    mask = np.tile(np.array([0, 1], np.uint8), (4, 2))
+    weak = np.tile(np.array([0, 1, 2, 2], np.uint8), (4, 1))
+    for split in ("train", "test"):
+        base = tmp_path / "png/Domain1" / split
+        _png(base / "imgs/a.png", np.zeros((4, 4), np.uint8))
+        _png(base / "mask/a.png", values[mask])
+    _png(tmp_path / "png/Domain1/train/scr_n/a.png", values[weak])
+    assert main([str(tmp_path / "png"), str(tmp_path / "h5"), "--task", "faz",
+                 "--values", "200,10,90"]) == 0
+    got = h5layout.read_case(tmp_path / "h5/Domain1/train/a.h5")
+    assert np.array_equal(got["mask"], mask) and np.array_equal(got["scribble_noisy"], weak)
+    with pytest.raises(ValueError, match=r"must list 3 values"):
+        import_png_tree(tmp_path / "png", tmp_path / "h5", "faz", png_values=(0, 127))
