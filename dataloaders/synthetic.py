@@ -82,7 +82,7 @@ class OdocStyle:
 FAZ_STYLES: Tuple[FazStyle, ...] = (
     FazStyle(0.09, 0.04, 1.00, 0.90, 0.04, 0.4, 0.72, 1.0, 9),   # FAZID: bright vessels
     FazStyle(0.11, 0.00, 0.85, 1.10, 0.06, 0.2, 0.55, 0.8, 7),   # OCTA500-3M: fine, darker
-    FazStyle(0.075, 0.02, 0.90, 1.00, 0.05, 0.6, 0.65, 0.9, 10),  # OCTA500-6M: small FAZ, blurry
+    FazStyle(0.075, -0.03, 0.90, 1.00, 0.05, 0.6, 0.65, 0.9, 10),  # OCTA500-6M: small FAZ, blurry
     FazStyle(0.12, -0.02, 0.70, 1.25, 0.08, 0.3, 0.6, 0.85, 8),  # OCTA-25K: dark, noisy, big FAZ
     FazStyle(0.10, 0.04, 0.80, 0.85, 0.03, 0.5, 0.7, 1.2, 9),    # ROSE: washed out, coarse mesh
 )
@@ -185,9 +185,14 @@ def _render(paths: Sequence[Tuple[np.ndarray, np.ndarray, float]], size: int) ->
 
 def _finish(image: np.ndarray, brightness: float, contrast: float, gamma: float,
             noise: float, blur: float, rng: np.random.Generator) -> np.ndarray:
-    """Apply the site's acquisition style to an image in [0, 1] (any leading channel axes)."""
+    """Apply the site's acquisition style to an image in [0, 1] (any leading channel axes).
+
+    Brightness and contrast also vary a little from case to case within a site.
+    """
     axes = (0,) * (image.ndim - 2) + (blur, blur)
     image = ndi.gaussian_filter(image, axes) if blur > 0 else image
+    contrast *= rng.uniform(0.85, 1.15)
+    brightness += rng.normal(0.0, 0.04)
     image = (image - 0.5) * contrast + 0.5 + brightness
     image = np.clip(image, 0.0, 1.0) ** gamma
     image = image + rng.normal(0.0, noise, image.shape)
@@ -275,26 +280,29 @@ def odoc_case(size: int, style: OdocStyle, rng: np.random.Generator) -> Tuple[np
     rc = rd * rng.uniform(0.35, 0.7)
     cup_sd = _irregular_ellipse(size, (centre[0] + shift[0], centre[1] + shift[1]), rc,
                                 rng.uniform(0.8, 1.0), rng.uniform(0, np.pi), 0.12, rng, yy, xx)
-    inner = ndi.distance_transform_edt(disc) > 2.0 * scale
-    cup = (cup_sd < 0) & inner
+    depth = ndi.distance_transform_edt(disc)
+    cup = (cup_sd < 0) & (depth > 2.0 * scale)
     if not cup.any():
-        cup = inner & (ndi.distance_transform_edt(disc) >= ndi.distance_transform_edt(disc).max() - 1)
+        cup = depth >= depth.max() - 1.0
     mask = np.where(cup, 1, np.where(disc, 2, 0)).astype(np.uint8)
 
     # Colour layers: retina with choroidal texture, disc with a soft edge, cup with a faint one.
     texture = 0.06 * _smooth_noise(size, 3 * scale, rng) + 0.05 * _smooth_noise(size, 12 * scale, rng)
     retina = np.asarray(style.retina)[:, None, None] * (1.0 + texture)[None]
-    a_disc = _sigmoid(-disc_sd / (0.8 * scale))
+    a_disc = _sigmoid(-disc_sd / (1.2 * scale))
     a_cup = _sigmoid(-cup_sd / (2.0 * scale)) * a_disc
+    # The rim is paler on one (temporal) side and pinker on the other.
+    side = np.arctan2(shift[0], shift[1]) if np.any(shift) else 0.0
+    ang = np.arctan2(yy - centre[0], xx - centre[1])
+    a_disc = a_disc * (0.75 + 0.25 * np.cos(ang - side))
     disc_col = np.asarray(style.disc)[:, None, None] * (1.0 + 0.5 * texture)[None]
     image = retina * (1 - a_disc) + disc_col * a_disc
     image = image * (1 - 0.8 * a_cup) + np.asarray(style.cup)[:, None, None] * 0.8 * a_cup
-    if rng.random() < 0.5:
+    if rng.random() < 0.7:
         # Peripapillary atrophy: a pale crescent hugging one side of the disc, outside it.
-        side = rng.uniform(0, 2 * np.pi)
-        ang = np.arctan2(yy - centre[0], xx - centre[1])
+        side = side + rng.normal(0, 0.5)
         near = np.exp(-np.clip(disc_sd, 0, None) / (3.0 * scale)) * (disc_sd > 0)
-        crescent = near * np.clip(np.cos(ang - side), 0, None) ** 2 * rng.uniform(0.3, 0.6)
+        crescent = near * np.clip(np.cos(ang - side), 0, None) ** 2 * rng.uniform(0.4, 0.8)
         image = image * (1 - crescent) + np.asarray(style.disc)[:, None, None] * 0.9 * crescent
 
     # Vessels leave the disc from near the cup and run outwards across the rim.
@@ -312,6 +320,10 @@ def odoc_case(size: int, style: OdocStyle, rng: np.random.Generator) -> Tuple[np
     vc = size / 2 + rng.normal(0, 0.1, 2) * size
     r2 = ((yy - vc[0]) ** 2 + (xx - vc[1]) ** 2) / (0.75 * size) ** 2
     image = image * (1.0 - style.vignette * np.clip(r2, 0, 1))[None]
+    # Uneven illumination: a linear ramp in a random direction.
+    tilt = rng.uniform(0, 2 * np.pi)
+    ramp = ((yy - size / 2) * np.sin(tilt) + (xx - size / 2) * np.cos(tilt)) / size
+    image = image * (1.0 + rng.uniform(0.2, 0.45) * ramp)[None]
     jitter = 1.0 + rng.normal(0, 0.04, 3)[:, None, None]
     image = _finish(np.clip(image * jitter, 0, 1), style.brightness, style.contrast,
                     style.gamma, style.noise, style.blur * scale, rng)

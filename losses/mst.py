@@ -182,34 +182,39 @@ def boruvka_mst(cost: Tensor, height: int, width: int) -> tuple[Tensor, int]:
     device = cost.device
     key_high = edge_keys(cost)
     edge_id = torch.arange(batch * num_edges, device=device)
-    end_u, end_v, _ = edge_endpoints(edge_id, height, width)
+    u, v, _ = edge_endpoints(edge_id, height, width)
+    ends = torch.stack([u, v])  # (2, E_remaining): component labels of the edge's ends
     num_comp = batch * height * width
+    best = torch.empty(num_comp, dtype=torch.int64, device=device)
     chosen: list[Tensor] = []
     rounds = 0
     while edge_id.numel() > 0:
         rounds += 1
-        position = torch.arange(edge_id.numel(), device=device)
-        key = key_high | position
-        best = torch.full((num_comp,), _INT64_MAX, dtype=torch.int64, device=device)
-        best.scatter_reduce_(0, torch.cat([end_u, end_v]), torch.cat([key, key]), "amin")
+        # the position in the id-ordered edge list breaks cost ties by edge id
+        key = key_high | torch.arange(edge_id.numel(), device=device)
+        best = best[:num_comp].fill_(_INT64_MAX)
+        best.scatter_reduce_(0, ends[0], key, "amin")
+        best.scatter_reduce_(0, ends[1], key, "amin")
         comp = torch.nonzero(best != _INT64_MAX).squeeze(1)
-        pos = best[comp] & _ID_MASK
-        cu, cv = end_u[pos], end_v[pos]
+        pos = best.index_select(0, comp) & _ID_MASK
+        cu, cv = ends.index_select(1, pos)
         ids = torch.arange(num_comp, device=device)
-        parent = ids.clone()
-        parent[comp] = torch.where(cu == comp, cv, cu)
+        parent = ids.index_put((comp,), torch.where(cu == comp, cv, cu))
         # the only cycles are pairs that chose the same edge: the smaller id becomes the root
-        mutual = (parent[parent] == ids) & (ids < parent)
+        mutual = (parent.index_select(0, parent) == ids) & (ids < parent)
         parent = torch.where(mutual, ids, parent)
-        chosen.append(edge_id[pos[parent[comp] != comp]])
+        hooked = torch.nonzero(parent.index_select(0, comp) != comp).squeeze(1)
+        chosen.append(edge_id.index_select(0, pos.index_select(0, hooked)))
         parent = _shortcut(parent)
         is_root = parent == ids
         new_label = torch.cumsum(is_root, 0) - 1
-        relabel = new_label[parent]
+        relabel = new_label.index_select(0, parent)
         num_comp = int(new_label[-1]) + 1
-        end_u, end_v = relabel[end_u], relabel[end_v]
-        keep = end_u != end_v
-        end_u, end_v, key_high, edge_id = end_u[keep], end_v[keep], key_high[keep], edge_id[keep]
+        ends = relabel.index_select(0, ends.reshape(-1)).reshape(2, -1)
+        inter = torch.nonzero(ends[0] != ends[1]).squeeze(1)
+        ends = ends.index_select(1, inter)
+        key_high = key_high.index_select(0, inter)
+        edge_id = edge_id.index_select(0, inter)
     if not chosen:
         return torch.zeros(0, dtype=torch.int64, device=device), 0
     return torch.sort(torch.cat(chosen)).values, rounds
@@ -218,7 +223,7 @@ def boruvka_mst(cost: Tensor, height: int, width: int) -> tuple[Tensor, int]:
 def _shortcut(parent: Tensor) -> Tensor:
     """Pointer jumping until every vertex points at the root of its tree."""
     while True:
-        grand = parent[parent]
+        grand = parent.index_select(0, parent)
         if torch.equal(grand, parent):
             return parent
         parent = grand

@@ -1,0 +1,138 @@
+"""Multiscale tree energy loss (Liang et al., "Tree Energy Loss: Towards Sparsely Annotated
+Semantic Segmentation", CVPR 2022), in the cascaded multiscale form used by FedICRA.
+
+The prediction is filtered along a minimum spanning tree of the image (low-level affinity),
+then successively along trees of the auxiliary heads' logits (high-level affinities); the
+result is a soft pseudo-label for the unlabelled pixels. Tree filter: Song et al.,
+"Learnable Tree Filter for Structure-preserving Feature Transform", NeurIPS 2019
+(:func:`losses.tree_filter.tree_filter`).
+"""
+
+from __future__ import annotations
+
+from typing import Sequence
+
+import torch
+import torch.nn.functional as F
+from torch import Tensor, nn
+
+from losses.tree_filter import tree_filter
+
+__all__ = ["multiscale_tree_energy_loss", "MultiscaleTreeEnergyLoss"]
+
+IMAGE_COST_OFFSET = 1.0
+"""The reference builds the image tree on ``|dI|^2 + 1`` (the offset does not change the
+tree and is kept out of the edge weights)."""
+
+
+def multiscale_tree_energy_loss(
+    probs: Tensor,
+    image: Tensor,
+    aux_logits: Sequence[Tensor],
+    label: Tensor,
+    unlabelled: int,
+    sigma_low: float = 0.02,
+    sigma_high: float = 1.0,
+    backend: str = "torch",
+) -> Tensor:
+    """Multiscale tree energy loss.
+
+    ``AS_0 = TF(probs)`` on the tree of ``image`` (weights ``exp(-|dI|^2 / sigma_low)``);
+    for each auxiliary head, coarse to fine, its logits are upsampled to ``H x W`` (bilinear,
+    ``align_corners=False``) and ``AS_{i+1} = TF(AS_i)`` on their tree (weights
+    ``exp(-|d logits|^2 / sigma_high)``). With ``AS`` the last of these,
+
+        L = sum over unlabelled pixels p of sum_k |probs[k, p] - AS[k, p]|  /  #unlabelled,
+
+    i.e. the L1 distance summed over classes and averaged over unlabelled pixels of the whole
+    batch, as in the reference; 0 when no pixel is unlabelled. ``AS`` is not detached:
+    gradient reaches ``probs`` both directly and through the filters, and the auxiliary
+    heads through the high-level edge weights.
+
+    Parameters
+    ----------
+    probs : Tensor
+        ``(B, K, H, W)`` softmax of the main output.
+    image : Tensor
+        ``(B, C, H, W)`` input image (guide of the low-level tree; no gradient expected).
+    aux_logits : sequence of Tensor
+        Each ``(B, K', h, w)``, the auxiliary heads' logits, coarse to fine; may be empty.
+    label : Tensor
+        ``(B, H, W)`` integer labels; pixels equal to ``unlabelled`` enter the loss.
+    unlabelled : int
+        Label value of unlabelled pixels (``num_classes`` in this project).
+    sigma_low : float
+        Scale of the image tree's weights.
+    sigma_high : float
+        Scale of the auxiliary trees' weights.
+    backend : {"torch", "scipy"}
+        Tree filter implementation, see :func:`losses.tree_filter.tree_filter`.
+
+    Returns
+    -------
+    Tensor
+        Scalar loss, dtype of ``probs``.
+
+    Raises
+    ------
+    ValueError
+        On mismatched shapes.
+    """
+    _check_inputs(probs, image, aux_logits, label)
+    height, width = probs.shape[2:]
+    filtered = tree_filter(probs, image, sigma_low, cost_offset=IMAGE_COST_OFFSET, backend=backend)
+    for logits in aux_logits:
+        if logits.shape[2:] != (height, width):
+            logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
+        filtered = tree_filter(filtered, logits, sigma_high, backend=backend)
+    mask = (label == unlabelled).to(probs.dtype)
+    distance = (probs - filtered).abs().sum(dim=1)
+    return (distance * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+class MultiscaleTreeEnergyLoss(nn.Module):
+    """Module form of :func:`multiscale_tree_energy_loss`.
+
+    Parameters
+    ----------
+    sigma_low : float
+        Scale of the image tree's weights.
+    sigma_high : float
+        Scale of the auxiliary trees' weights.
+    backend : {"torch", "scipy"}
+        Tree filter implementation.
+    """
+
+    def __init__(self, sigma_low: float = 0.02, sigma_high: float = 1.0, backend: str = "torch") -> None:
+        super().__init__()
+        self.sigma_low = sigma_low
+        self.sigma_high = sigma_high
+        self.backend = backend
+
+    def forward(
+        self, probs: Tensor, image: Tensor, aux_logits: Sequence[Tensor], label: Tensor, unlabelled: int
+    ) -> Tensor:
+        """See :func:`multiscale_tree_energy_loss` for the shapes."""
+        return multiscale_tree_energy_loss(
+            probs, image, aux_logits, label, unlabelled, self.sigma_low, self.sigma_high, self.backend
+        )
+
+    def extra_repr(self) -> str:
+        return f"sigma_low={self.sigma_low}, sigma_high={self.sigma_high}, backend={self.backend!r}"
+
+
+def _check_inputs(probs: Tensor, image: Tensor, aux_logits: Sequence[Tensor], label: Tensor) -> None:
+    if probs.dim() != 4:
+        raise ValueError(f"probs must be (B, K, H, W), got {tuple(probs.shape)}")
+    batch, _, height, width = probs.shape
+    if image.dim() != 4 or image.shape[0] != batch or image.shape[2:] != probs.shape[2:]:
+        raise ValueError(f"image must be (B, C, H, W) = ({batch}, C, {height}, {width}), got {tuple(image.shape)}")
+    if label.shape != (batch, height, width):
+        raise ValueError(f"label must be (B, H, W) = ({batch}, {height}, {width}), got {tuple(label.shape)}")
+    if label.is_floating_point():
+        raise ValueError(f"label must be an integer tensor, got {label.dtype}")
+    for i, logits in enumerate(aux_logits):
+        if logits.dim() != 4 or logits.shape[0] != batch:
+            raise ValueError(f"aux_logits[{i}] must be (B, K, h, w) with B = {batch}, got {tuple(logits.shape)}")
+    if not torch.is_floating_point(image):
+        raise ValueError(f"image must be floating point, got {image.dtype}")
