@@ -136,7 +136,7 @@ class SiteTrainer:
     # ------------------------------------------------------------------ state exchange
     def state_of(self, keys: Iterable[str]) -> Dict[str, np.ndarray]:
         sd = self.model.state_dict()
-        return {k: sd[k].detach().cpu().numpy() for k in keys}
+        return {k: sd[k].detach().cpu().numpy().copy() for k in keys}
 
     def load_arrays(self, arrays: Mapping[str, np.ndarray], keys: Iterable[str]) -> None:
         """Copy ``arrays[k]`` into the model for every ``k`` in ``keys`` (shape-checked)."""
@@ -211,6 +211,9 @@ class SiteTrainer:
         """
         start = time.perf_counter()
         server_round = int(config["server-round"])
+        # Seeded per (run, site, round) so a trainer restored from its checkpoint repeats the
+        # round exactly (dropout inside adaptive aggregation draws from this stream).
+        torch.manual_seed(self.cfg.seed * 1_000_003 + self.cid * 10_007 + 7 * server_round + 1)
         shared = self.keys(_groups(config, "share-include"), _groups(config, "share-exclude"))
         self.rule.receive(self, arrays, shared, server_round)
         metrics = self.rule.local_train(self, server_round)

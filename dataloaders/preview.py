@@ -120,6 +120,14 @@ def preview_federation(root: Path, task: str, out: Path, case: int = 0, tile: in
     return out
 
 
+def _save_small(picture: Image.Image, path: Path, limit: int = 150_000) -> Path:
+    """Save a PNG; fall back to a 256-colour palette when the file would exceed ``limit``."""
+    picture.save(path, optimize=True)
+    if path.stat().st_size > limit:
+        picture.quantize(256, dither=Image.Dither.NONE).save(path, optimize=True)
+    return path
+
+
 def write_docs_images(out_dir: Path, real_root: Optional[Path] = None, tile: int = 128,
                       seed: int = 0) -> List[Path]:
     """Write ``faz_site{1..5}.png`` and ``odoc_synthetic.png`` into ``out_dir``.
@@ -146,11 +154,13 @@ def write_docs_images(out_dir: Path, real_root: Optional[Path] = None, tile: int
                 captions.append(f"real {faz.site(s).name}")
             tiles.append(site_tile(Path(tmp) / "faz", "faz", s, 0, tile))
             captions.append(f"synthetic: {form}")
-            path = out_dir / f"faz_site{s + 1}.png"
-            side_by_side(tiles, captions).save(path, optimize=True)
-            written.append(path)
-        written.append(preview_federation(Path(tmp) / "odoc", "odoc",
-                                          out_dir / "odoc_synthetic.png", 0, tile))
+            written.append(_save_small(side_by_side(tiles, captions),
+                                       out_dir / f"faz_site{s + 1}.png"))
+        odoc = get_task("odoc")
+        tiles = [site_tile(Path(tmp) / "odoc", "odoc", s, 0, tile) for s in range(odoc.num_sites)]
+        captions = [f"{s + 1}: {_FORM_NAMES[odoc.site(s).weak_form]}"
+                    for s in range(odoc.num_sites)]
+        written.append(_save_small(side_by_side(tiles, captions), out_dir / "odoc_synthetic.png"))
     return written
 
 

@@ -227,7 +227,7 @@ def faz_case(size: int, style: FazStyle, rng: np.random.Generator) -> Tuple[np.n
     cs = style.capillary_scale * scale
     band = ndi.gaussian_filter(rng.normal(size=(size, size)), cs) \
         - ndi.gaussian_filter(rng.normal(size=(size, size)), 2.5 * cs)
-    mesh = np.exp(-(band / (0.45 * band.std() + 1e-12)) ** 2)
+    mesh = np.exp(-(band / (0.6 * band.std() + 1e-12)) ** 2)
     mesh = ndi.gaussian_filter(mesh, 0.4 * scale)
     mesh *= 0.6 + 0.4 * np.clip(0.5 + 0.5 * _smooth_noise(size, 6 * scale, rng), 0, 1)
 
@@ -243,7 +243,8 @@ def faz_case(size: int, style: FazStyle, rng: np.random.Generator) -> Tuple[np.n
 
     # Large vessels stay away from the zone; only the capillary mesh reaches its edge.
     vessels *= np.clip((outside - 0.3 * radius) / radius, 0.0, 1.0)
-    signal = np.maximum(0.7 * mesh * density, np.minimum(1.6 * vessels, 1.0))
+    # Deeper plexus glow between the capillaries: the zone is darker than the gaps of the mesh.
+    signal = np.maximum((0.5 * mesh + 0.1) * density, np.minimum(1.6 * vessels, 1.0))
     # Shadow artefacts (floaters, vignetting) darken patches of the network elsewhere.
     shadow = 1.0 - 0.35 * np.clip(_smooth_noise(size, 10 * scale, rng) - 0.9, 0, None)
     bias = 1.0 + 0.15 * _smooth_noise(size, 20 * scale, rng)
@@ -290,14 +291,14 @@ def odoc_case(size: int, style: OdocStyle, rng: np.random.Generator) -> Tuple[np
     texture = 0.06 * _smooth_noise(size, 3 * scale, rng) + 0.05 * _smooth_noise(size, 12 * scale, rng)
     retina = np.asarray(style.retina)[:, None, None] * (1.0 + texture)[None]
     a_disc = _sigmoid(-disc_sd / (1.2 * scale))
-    a_cup = _sigmoid(-cup_sd / (2.0 * scale)) * a_disc
+    a_cup = _sigmoid(-cup_sd / (1.5 * scale)) * a_disc
     # The rim is paler on one (temporal) side and pinker on the other.
     side = np.arctan2(shift[0], shift[1]) if np.any(shift) else 0.0
     ang = np.arctan2(yy - centre[0], xx - centre[1])
     a_disc = a_disc * (0.75 + 0.25 * np.cos(ang - side))
     disc_col = np.asarray(style.disc)[:, None, None] * (1.0 + 0.5 * texture)[None]
     image = retina * (1 - a_disc) + disc_col * a_disc
-    image = image * (1 - 0.8 * a_cup) + np.asarray(style.cup)[:, None, None] * 0.8 * a_cup
+    image = image * (1 - 0.9 * a_cup) + np.asarray(style.cup)[:, None, None] * 0.9 * a_cup
     if rng.random() < 0.7:
         # Peripapillary atrophy: a pale crescent hugging one side of the disc, outside it.
         side = side + rng.normal(0, 0.5)

@@ -39,6 +39,7 @@ from typing import Callable, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 from scipy import ndimage as ndi
+from skimage.morphology import skeletonize
 
 from dataloaders import h5layout
 from dataloaders.tasks import WEAK_FORM_KEYS, get_task
@@ -172,7 +173,12 @@ def _scribble_pixels(mask: np.ndarray, c: int, rng: np.random.Generator,
     else:
         t = rng.uniform(*depth) * dist.max()
         span = (0.4, 0.85)
-    band = _level_band(dist, t, width)
+    if c != 0 and np.any(ndi.binary_fill_holes(region) & ~region):
+        # A ring (a disc rim): its level sets come in parallel pairs; its medial axis is the
+        # one stroke an annotator would draw round it.
+        band = skeletonize(region)
+    else:
+        band = _level_band(dist, t, width)
     if span[0] < 0.75:
         band = _one_curve_per_object(band, region)
     ys, xs = np.nonzero(band)

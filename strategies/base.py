@@ -73,7 +73,7 @@ class PersonalizedStrategy(Strategy):
 
     def initial_arrays(self, model: nn.Module) -> Dict[str, np.ndarray]:
         sd = model.state_dict()
-        return {k: sd[k].detach().cpu().numpy() for k in self.shared_keys(model)}
+        return {k: sd[k].detach().cpu().numpy().copy() for k in self.shared_keys(model)}
 
     def payload_for(self, node_id: int, arrays: ArrayRecord) -> ArrayRecord:
         return arrays

@@ -58,3 +58,25 @@ def make_h5_site() -> Callable[..., Path]:
         return root
 
     return make
+
+
+@pytest.fixture(scope="session")
+def tiny_federation(tmp_path_factory) -> Path:
+    """A five-site synthetic FAZ-like federation at 32 px (6 train + 2 test cases per site)."""
+    from dataloaders.synthetic import generate_federation
+
+    root = tmp_path_factory.mktemp("tiny_faz")
+    generate_federation("faz", root, size=32, train_per_site=6, test_per_site=2, seed=3)
+    return root
+
+
+def tiny_run_config(root: Path, out_root: Path, **overrides):
+    """A RunConfig for a tiny federation: 3 clients, width 4, 2 rounds of 2 iterations."""
+    from configs import RunConfig
+
+    values = dict(img_class="synthetic_faz", root_path=str(root), exp="tiny", out_root=str(out_root),
+                  model="unet_lc_multihead", base_channels=4, aux_channels=8, procedure="pce",
+                  strategy="FedICRA", num_clients=3, rounds=2, iters=2, rep_iters=1, batch_size=2,
+                  ala_max_epochs=2, seed=7)
+    values.update(overrides)
+    return RunConfig(**values).validate()

@@ -1,0 +1,65 @@
+"""Server-side rules: sample-weighted averaging and which groups each strategy shares."""
+import numpy as np
+import pytest
+
+from configs import RunConfig
+from networks import build
+from strategies.aggregation import mean_metrics, weighted_mean
+from strategies.registry import strategy_class, strategy_names
+
+
+def test_weighted_mean_is_sample_weighted():
+    rng = np.random.default_rng(0)
+    replies = [{"w": rng.normal(size=(3, 4)).astype(np.float32), "b": rng.normal(size=5)}
+               for _ in range(3)]
+    samples = [10, 30, 60]
+    out = weighted_mean(replies, samples)
+    for key in ("w", "b"):
+        expected = sum(n * r[key].astype(np.float64) for n, r in zip(samples, replies)) / sum(samples)
+        np.testing.assert_allclose(out[key], expected, rtol=1e-6)
+        assert out[key].dtype == replies[0][key].dtype
+    # equal weights differ from sample weights: batches are not samples
+    assert not np.allclose(weighted_mean(replies, [1, 1, 1])["w"], out["w"])
+
+
+def test_weighted_mean_rounds_integer_counters():
+    out = weighted_mean([{"n": np.array(3)}, {"n": np.array(6)}], [1, 2])
+    assert out["n"].dtype.kind == "i" and int(out["n"]) == 5
+
+
+def test_weighted_mean_rejects_mismatch():
+    with pytest.raises(ValueError, match="keys"):
+        weighted_mean([{"a": np.zeros(2)}, {"b": np.zeros(2)}], [1, 1])
+    with pytest.raises(ValueError, match="shapes"):
+        weighted_mean([{"a": np.zeros(2)}, {"a": np.zeros(3)}], [1, 1])
+    with pytest.raises(ValueError, match="weights"):
+        weighted_mean([{"a": np.zeros(2)}], [0])
+
+
+def test_mean_metrics_weighted():
+    out = mean_metrics([{"loss": 1.0, "x": 5.0}, {"loss": 3.0}], [1, 3])
+    assert out == {"loss": pytest.approx(2.5)}
+
+
+@pytest.mark.parametrize("name, excluded_group", [("FedBN", "bn"), ("FedRep", "out_conv")])
+def test_personal_groups_are_not_shared(name, excluded_group):
+    model = build("unet_lc_multihead", 1, 2, base_channels=4, aux_channels=8, num_sites=3)
+    strategy = strategy_class(name)(RunConfig(num_clients=3))
+    keys = strategy.shared_keys(model)
+    from networks.groups import parameter_groups
+
+    personal = set(parameter_groups(model)[excluded_group])
+    assert personal and not personal & set(keys)
+    assert set(strategy.initial_arrays(model)) == set(keys)
+
+
+def test_local_shares_nothing_and_fedicra_shares_all():
+    model = build("unet_lc_multihead", 1, 2, base_channels=4, aux_channels=8, num_sites=3)
+    assert strategy_class("Local")(RunConfig()).shared_keys(model) == []
+    assert strategy_class("fedicra")(RunConfig()).shared_keys(model) == list(model.state_dict())
+
+
+def test_unknown_strategy_lists_names():
+    with pytest.raises(ValueError, match="FedICRA"):
+        strategy_class("FedNope")
+    assert {"FedAvg", "FedBN", "FedProx", "FedRep", "FedALA", "FedICRA", "Local"} <= set(strategy_names())
