@@ -3,7 +3,15 @@
 Settings come from a TOML file (``--config``, default ``configs/<img_class>.toml`` when it
 exists) overridden by command-line flags; the resolved configuration is saved as
 ``<out_root>/<exp>/config.toml`` before anything runs. ``--mode simulation`` runs every site
-in Flower's Simulation Engine on this machine.
+in Flower's Simulation Engine on this machine; ``--mode deployment`` starts a real SuperLink,
+one SuperNode and one persistent site worker per client on this machine (loopback), submits
+the run with ``flwr run`` and stops everything afterwards (see docs/deployment.md).
+
+Across machines the same parts start apart:
+
+    python flower_runner.py superlink --port P [--host 0.0.0.0]           # coordinator
+    python flower_runner.py site --cid K --superlink HOST:P --config SNAP  # each hospital
+    python flower_runner.py launch --superlink HOST:P --config SNAP        # submit the run
 """
 from __future__ import annotations
 
@@ -27,8 +35,11 @@ _FLAGS = {
 }
 
 
-def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
-    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+SUBCOMMANDS = ("superlink", "site", "launch")
+
+
+def add_run_flags(p: argparse.ArgumentParser) -> None:
+    """The flags that define a run (shared by the plain form and ``launch``)."""
     p.add_argument("--config", type=Path, help="TOML run configuration (flags override it)")
     for name, kind in _FLAGS.items():
         p.add_argument(f"--{name}", type=kind, default=None)
@@ -36,6 +47,65 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="GPU ids the clients are spread over (none: CPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="override any other configuration key, e.g. --set lambda_crf=0.2")
+    add_deploy_flags(p)
+
+
+def add_deploy_flags(p: argparse.ArgumentParser) -> None:
+    """Flags of the deployment processes (ignored by the simulation)."""
+    p.add_argument("--poll-interval", type=float, default=0.1,
+                   help="deployment: seconds between Flower's internal polls (0: Flower's "
+                        "stock 3 s / 1 s intervals)")
+    p.add_argument("--stop-timeout", type=float, default=10.0,
+                   help="deployment: seconds a child gets after SIGTERM before SIGKILL")
+
+
+def add_tls_client_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("--root-certificates", default="",
+                   help="CA certificate to verify the SuperLink's TLS certificate "
+                        "(default: insecure, plain HTTP)")
+
+
+def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0],
+                                epilog="subcommands for multi-machine deployments: "
+                                       + ", ".join(SUBCOMMANDS) + " (see --help of each)")
+    add_run_flags(p)
+    return p.parse_args(argv)
+
+
+def parse_subcommand(argv: List[str]) -> argparse.Namespace:
+    p = argparse.ArgumentParser(prog="flower_runner.py", description="Deployment parts")
+    sub = p.add_subparsers(dest="command", required=True)
+    link = sub.add_parser("superlink", help="start only the coordinator (SuperLink)")
+    link.add_argument("--port", type=int, default=RunConfig().port,
+                      help="SuperLink HTTP port (Fleet, Control and ServerAppIo APIs)")
+    link.add_argument("--host", default="127.0.0.1",
+                      help="address to bind; 0.0.0.0 to accept sites from other machines")
+    link.add_argument("--out_dir", type=Path, default=Path("model") / "superlink",
+                      help="folder for logs, pids.json and FLWR_HOME")
+    link.add_argument("--ssl-certfile", default="")
+    link.add_argument("--ssl-keyfile", default="")
+    link.add_argument("--ssl-ca-certfile", default="")
+    link.add_argument("--enable-supernode-auth", action="store_true")
+    add_deploy_flags(link)
+    site = sub.add_parser("site", help="start one hospital: its site worker and SuperNode")
+    site.add_argument("--cid", type=int, required=True, help="client id (site index)")
+    site.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    site.add_argument("--config", type=Path, required=True, help="the run's config.toml snapshot")
+    site.add_argument("--port", type=int, default=None,
+                      help="base port (default: the snapshot's); SuperNode on port + 1 + 2*cid, "
+                           "worker on port + 2 + 2*cid")
+    site.add_argument("--gpu", type=int, default=None, help="GPU id for this site (default CPU)")
+    site.add_argument("--root_path", help="this site's data root (default: the snapshot's)")
+    site.add_argument("--out_root", help="this site's output root (default: the snapshot's)")
+    site.add_argument("--auth-supernode-private-key", default="",
+                      help="private key for SuperNode authentication (needs TLS)")
+    add_tls_client_flags(site)
+    add_deploy_flags(site)
+    launch = sub.add_parser("launch", help="submit a run to a running SuperLink and stream it")
+    launch.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    add_run_flags(launch)
+    add_tls_client_flags(launch)
     return p.parse_args(argv)
 
 
@@ -98,10 +168,55 @@ def run_simulation_mode(cfg: RunConfig) -> None:
                    num_supernodes=cfg.num_clients, backend_config=backend_config)
 
 
+def deploy_options(args: argparse.Namespace, **extra):
+    from deployment.launch import DeployOptions
+
+    return DeployOptions(poll_interval=args.poll_interval, stop_timeout=args.stop_timeout,
+                         root_certificates=getattr(args, "root_certificates", ""), **extra)
+
+
+def absolute_paths(cfg: RunConfig) -> RunConfig:
+    """Deployment processes run in other folders: pin data and output roots to absolute paths."""
+    return cfg.override({"out_root": str(Path(cfg.out_root).resolve()),
+                         "root_path": str(Path(cfg.root_path).resolve())}, "absolute paths")
+
+
+def subcommand_main(argv: List[str]) -> int:
+    from deployment import launch
+    from deployment.processes import PortBusyError
+
+    args = parse_subcommand(argv)
+    try:
+        if args.command == "superlink":
+            opts = deploy_options(args, host=args.host, ssl_certfile=args.ssl_certfile,
+                                  ssl_keyfile=args.ssl_keyfile,
+                                  ssl_ca_certfile=args.ssl_ca_certfile,
+                                  enable_supernode_auth=args.enable_supernode_auth)
+            return launch.serve_superlink(args.port, args.out_dir, opts)
+        if args.command == "site":
+            opts = deploy_options(args, auth_private_key=args.auth_supernode_private_key)
+            overrides = {k: getattr(args, k) for k in ("root_path", "out_root") if getattr(args, k)}
+            port = args.port if args.port is not None else load_config(args.config).port
+            return launch.serve_site(args.config, args.cid, args.superlink, port, args.gpu, opts,
+                                     overrides)
+        cfg = absolute_paths(resolve_config(args))
+        save_config(cfg, cfg.out_dir / "config.toml")
+        return launch.launch_run(cfg.out_dir / "config.toml", args.superlink, deploy_options(args))
+    except (ValueError, FileNotFoundError, PortBusyError) as err:
+        log.error("error: %s", err)
+        return 2
+
+
 def main(argv: Optional[List[str]] = None) -> int:
     setup_logging()
+    argv = list(sys.argv[1:] if argv is None else argv)
+    if argv and argv[0] in SUBCOMMANDS:
+        return subcommand_main(argv)
     try:
-        cfg = resolve_config(parse_args(argv))
+        args = parse_args(argv)
+        cfg = resolve_config(args)
+        if cfg.mode == "deployment":
+            cfg = absolute_paths(cfg)
     except (ValueError, FileNotFoundError) as err:
         log.error("error: %s", err)
         return 2
@@ -113,9 +228,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     if cfg.mode == "simulation":
         run_simulation_mode(cfg)
     else:
-        from deployment import run_deployment  # noqa: WPS433 (heavy, mode-specific)
+        from deployment.launch import run_deployment
+        from deployment.processes import PortBusyError
 
-        return run_deployment(cfg)
+        try:
+            return run_deployment(cfg, deploy_options(args))
+        except PortBusyError as err:
+            log.error("error: %s", err)
+            return 2
     log.info("done. Test every client: python test_client.py --client all --exp %s --out_root %s",
              cfg.exp, cfg.out_root)
     log.info("TensorBoard: tensorboard --logdir %s", out_dir / "tb")

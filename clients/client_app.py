@@ -51,11 +51,12 @@ def get_trainer(message_config: ConfigRecord, context: Context) -> SiteTrainer:
     rounds_done = int(context.state.config_records[_STATE_KEY]["rounds-done"])
     key = (str(cfg.out_dir.resolve()), cid)
     trainer = _TRAINERS.get(key)
-    if trainer is None or trainer.rounds_done != rounds_done:
+    if trainer is None or (rounds_done == 0 and trainer.rounds_done > 0):
         trainer = SiteTrainer(cfg, cid, device=str(context.node_config.get("device", "")))
-        if rounds_done > 0:
-            trainer.load(trainer.client_dir / "latest.pt")
         _TRAINERS[key] = trainer
+    if trainer.rounds_done != rounds_done:
+        # Another process trained this site since: keep the loaded data, restore the state.
+        trainer.load(trainer.client_dir / "latest.pt")
     return trainer
 
 

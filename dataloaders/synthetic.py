@@ -105,8 +105,8 @@ def _grid(size: int) -> Tuple[np.ndarray, np.ndarray]:
     return np.mgrid[0:size, 0:size].astype(np.float64)
 
 
-def _irregular_ellipse(size: int, centre: Tuple[float, float], radius: float, ratio: float,
-                       angle: float, roughness: float, rng: np.random.Generator,
+def _irregular_ellipse(centre: Tuple[float, float], radius: float, ratio: float, angle: float,
+                       roughness: float, rng: np.random.Generator,
                        yy: np.ndarray, xx: np.ndarray) -> np.ndarray:
     """Signed "radius" field: negative inside a wobbly ellipse, in units of pixels at its edge."""
     dy, dx = yy - centre[0], xx - centre[1]
@@ -133,7 +133,8 @@ def _vessel_paths(rng: np.random.Generator, starts: np.ndarray, headings: np.nda
     """Branching vessels as a list of (ys, xs, width) poly-lines.
 
     The curvature is a smooth AR(1) process and the heading its running sum, so vessels bend
-    gently and wander further from their start heading the longer they run. ``stop = (y, x, r)`` ends the trunks within ``r`` of a point, as the
+    gently and wander further from their start heading the longer they run.
+    ``stop = (y, x, r)`` ends the trunks within ``r`` of a point, as the
     large vessels of the macula end before the avascular zone. Each trunk sprouts thinner,
     shorter branches down to ``depth`` levels.
     """
@@ -200,7 +201,8 @@ def _finish(image: np.ndarray, brightness: float, contrast: float, gamma: float,
 
 
 # --------------------------------------------------------------------------- FAZ
-def faz_case(size: int, style: FazStyle, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+def faz_case(size: int, style: FazStyle,
+             rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
     """One synthetic OCTA en-face image and its FAZ mask.
 
     Returns
@@ -212,7 +214,7 @@ def faz_case(size: int, style: FazStyle, rng: np.random.Generator) -> Tuple[np.n
     yy, xx = _grid(size)
     centre = size / 2 + rng.uniform(-0.08, 0.08, 2) * size
     radius = max(style.faz_radius * size * rng.uniform(0.75, 1.25), 3.0)
-    signed = _irregular_ellipse(size, (centre[0], centre[1]), radius, rng.uniform(0.7, 1.0),
+    signed = _irregular_ellipse((centre[0], centre[1]), radius, rng.uniform(0.7, 1.0),
                                 rng.uniform(0, np.pi), 0.25, rng, yy, xx)
     # Fine irregularity of the zone's edge.
     signed = signed + 1.2 * scale * _smooth_noise(size, 2.0 * scale, rng)
@@ -260,7 +262,8 @@ def _sigmoid(x: np.ndarray) -> np.ndarray:
     return 0.5 * (1.0 + np.tanh(0.5 * x))
 
 
-def odoc_case(size: int, style: OdocStyle, rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
+def odoc_case(size: int, style: OdocStyle,
+              rng: np.random.Generator) -> Tuple[np.ndarray, np.ndarray]:
     """One synthetic fundus crop around the optic disc and its cup/rim mask.
 
     Returns
@@ -273,13 +276,13 @@ def odoc_case(size: int, style: OdocStyle, rng: np.random.Generator) -> Tuple[np
     yy, xx = _grid(size)
     centre = size / 2 + rng.uniform(-0.08, 0.08, 2) * size
     rd = style.disc_radius * size * rng.uniform(0.85, 1.15)
-    disc_sd = _irregular_ellipse(size, (centre[0], centre[1]), rd, rng.uniform(0.85, 1.0),
+    disc_sd = _irregular_ellipse((centre[0], centre[1]), rd, rng.uniform(0.85, 1.0),
                                  np.pi / 2 + rng.normal(0, 0.2), 0.06, rng, yy, xx)
     disc = disc_sd < 0
     # The cup sits inside the disc, shifted to one (temporal) side, with a rim of >= 2 px.
     shift = rng.uniform(0.0, 0.15) * rd * np.array([rng.normal(0, 0.3), rng.choice([-1, 1])])
     rc = rd * rng.uniform(0.35, 0.7)
-    cup_sd = _irregular_ellipse(size, (centre[0] + shift[0], centre[1] + shift[1]), rc,
+    cup_sd = _irregular_ellipse((centre[0] + shift[0], centre[1] + shift[1]), rc,
                                 rng.uniform(0.8, 1.0), rng.uniform(0, np.pi), 0.12, rng, yy, xx)
     depth = ndi.distance_transform_edt(disc)
     cup = (cup_sd < 0) & (depth > 2.0 * scale)
@@ -288,7 +291,8 @@ def odoc_case(size: int, style: OdocStyle, rng: np.random.Generator) -> Tuple[np
     mask = np.where(cup, 1, np.where(disc, 2, 0)).astype(np.uint8)
 
     # Colour layers: retina with choroidal texture, disc with a soft edge, cup with a faint one.
-    texture = 0.06 * _smooth_noise(size, 3 * scale, rng) + 0.05 * _smooth_noise(size, 12 * scale, rng)
+    texture = (0.06 * _smooth_noise(size, 3 * scale, rng)
+               + 0.05 * _smooth_noise(size, 12 * scale, rng))
     retina = np.asarray(style.retina)[:, None, None] * (1.0 + texture)[None]
     a_disc = _sigmoid(-disc_sd / (1.2 * scale))
     a_cup = _sigmoid(-cup_sd / (1.5 * scale)) * a_disc
@@ -382,7 +386,8 @@ def generate_federation(task: str, out: Path, size: int = 96, train_per_site: in
         raise ValueError(f"size must be at least 32, got {size}")
     if train_per_site < 1 or test_per_site < 1:
         raise ValueError(
-            f"train_per_site and test_per_site must be at least 1, got {train_per_site}, {test_per_site}")
+            "train_per_site and test_per_site must be at least 1, "
+            f"got {train_per_site}, {test_per_site}")
     out = Path(out)
     _prepare_out(out)
     styles = FAZ_STYLES if base.name == "faz" else ODOC_STYLES

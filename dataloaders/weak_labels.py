@@ -107,7 +107,7 @@ def _disc_offsets(radius: int) -> _Coords:
 
 
 def _paint(out: np.ndarray, ys: np.ndarray, xs: np.ndarray, value: int) -> None:
-    """Set in-image pixels ``(ys, xs)`` of ``out`` to ``value`` (coordinates may be out of range)."""
+    """Set the in-image pixels among ``(ys, xs)`` of ``out`` to ``value``."""
     h, w = out.shape
     ok = (ys >= 0) & (ys < h) & (xs >= 0) & (xs < w)
     out[ys[ok], xs[ok]] = value
@@ -124,7 +124,7 @@ def _point(mask: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.n
     for c in _present(mask, num_classes):
         dist = _inner_distance(mask == c)
         radius = int(rng.integers(1, 3))
-        # A disc of radius r centred at p is inside the region iff dist(p) > r.
+        # A disc of radius r centred at p lies inside the region when dist(p) > r.
         while radius > 0 and not np.any(dist > radius):
             radius -= 1
         cand = dist > radius if radius > 0 else dist > 0
@@ -145,7 +145,7 @@ def _block(mask: np.ndarray, num_classes: int, rng: np.random.Generator) -> np.n
     has_fg = np.any(mask > 0)
     cap = max(1, min(mask.shape) // 8)
     for c in _present(mask, num_classes):
-        # Chessboard distance: a square of half-width k at p is inside iff cdist(p) > k.
+        # Chessboard distance: a square of half-width k at p lies inside when cdist(p) > k.
         cdist = _inner_distance(mask == c, metric="chessboard")
         kmax = int(cdist.max()) - 1
         background = c == 0 and has_fg
@@ -167,8 +167,8 @@ def _scribble_pixels(mask: np.ndarray, c: int, rng: np.random.Generator,
     region = mask == c
     dist = _inner_distance(region)
     if c == 0 and np.any(mask > 0):
-        # Background: a ring around the objects at about their size away from them.
-        t = min(rng.uniform(0.8, 2.0) * _object_radius(mask), 0.7 * dist.max())
+        # Background: a ring around the objects, one to three object radii away from them.
+        t = min(rng.uniform(1.2, 3.0) * _object_radius(mask), 0.7 * dist.max())
         span = (0.75, 1.0)
     else:
         t = rng.uniform(*depth) * dist.max()
@@ -379,8 +379,11 @@ def make_weak_labels(mask: np.ndarray, num_classes: int, rng: np.random.Generato
                      forms: Optional[Sequence[str]] = None) -> Dict[str, np.ndarray]:
     """All (or the given) weak forms of one mask, keyed by their HDF5 key (``keypoint``, ...)."""
     forms = list(WEAK_FORM_KEYS) if forms is None else list(forms)
-    return {WEAK_FORM_KEYS[f] if f in WEAK_FORM_KEYS else f:
-            make_weak_label(mask, f, num_classes, rng) for f in forms}
+    labels = {}
+    for form in forms:
+        label = make_weak_label(mask, form, num_classes, rng)  # validates the form first
+        labels[WEAK_FORM_KEYS[form]] = label
+    return labels
 
 
 def _case_rng(seed: int, site: int, case: str, form: str) -> np.random.Generator:
@@ -417,7 +420,8 @@ def add_weak_labels(root: Path, num_classes: int, forms: Optional[Sequence[str]]
     forms = list(WEAK_FORM_KEYS) if forms is None else list(forms)
     for form in forms:
         if form not in WEAK_FORM_KEYS:
-            raise ValueError(f"unknown weak form {form!r}; expected one of {', '.join(WEAK_FORM_KEYS)}")
+            raise ValueError(
+                f"unknown weak form {form!r}; expected one of {', '.join(WEAK_FORM_KEYS)}")
     sites = _site_folders(root)
     if not sites:
         raise FileNotFoundError(f"{root} holds no Domain<k>/train folders")
@@ -435,7 +439,8 @@ def add_weak_labels(root: Path, num_classes: int, forms: Optional[Sequence[str]]
             image, mask = data.pop("image"), data.pop("mask")
             for key, value in data.items():
                 if value.ndim != 2 or not np.issubdtype(value.dtype, np.integer):
-                    raise ValueError(f"{path}: dataset {key!r} is not a 2-D label map; not rewriting")
+                    raise ValueError(
+                        f"{path}: dataset {key!r} is not a 2-D label map; not rewriting")
             for form in todo:
                 try:
                     data[WEAK_FORM_KEYS[form]] = make_weak_label(

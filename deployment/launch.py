@@ -1,0 +1,514 @@
+"""Start the parts of a deployment and submit the run.
+
+Three building blocks, usable on one machine together (:func:`run_deployment`) or on many
+machines apart (the ``superlink``, ``site`` and ``launch`` subcommands of ``flower_runner.py``):
+
+- :func:`start_superlink`: the coordinator, ``flower-superlink`` (Fleet, Control and
+  ServerAppIo APIs on one HTTP port in Flower 1.42);
+- :func:`start_site`: one hospital, a persistent site worker (``python -m deployment.worker``)
+  and a SuperNode whose ClientApp (:mod:`deployment.bridge`) forwards to that worker;
+- :func:`submit_run`: ``flwr run <repo> <connection> --stream`` with the run's snapshot.
+
+Ports come from one base port (``--port``, see :class:`PortPlan`); every child runs in its own
+process group, logs to ``<out_dir>/logs/<name>.log``, and is listed in ``<out_dir>/pids.json``.
+``FLWR_HOME`` points into ``<out_dir>/flwr_home`` so the user's Flower configuration is never
+read or written.
+"""
+from __future__ import annotations
+
+import json
+import logging
+import os
+import queue
+import re
+import shutil
+import subprocess
+import sys
+import threading
+import time
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from .channel import WorkerUnavailable, read_secret, request, write_secret
+from .processes import ChildFailed, Interrupted, ProcessGroup, check_ports_free, interrupts_raise
+from .supernode import ENV_KEY as NODE_POLL_ENV
+
+log = logging.getLogger("fedicra.deploy")
+
+REPO = Path(__file__).resolve().parents[1]
+CONNECTION = "fedicra"
+#: Exit code when the run itself ended in a state other than completed.
+RUN_FAILED = 1
+#: SuperExec (the SuperNode's ClientApp launcher) task poll interval, read by Flower itself.
+SUPEREXEC_POLL_ENV = "FLWR_SUPEREXEC_TASK_POLL_INTERVAL"
+
+
+@dataclass(frozen=True)
+class PortPlan:
+    """Every port of a deployment, derived from one base port.
+
+    ``base``: SuperLink (Fleet, Control and ServerAppIo HTTP APIs); ``base + 1 + 2k``:
+    SuperNode ``k``'s own API (``flower-supernode --port``, its ClientAppIo/Runtime API);
+    ``base + 2 + 2k``: the site worker of client ``k`` (bridge channel).
+    """
+
+    base: int
+
+    @property
+    def superlink(self) -> int:
+        return self.base
+
+    def node(self, cid: int) -> int:
+        return self.base + 1 + 2 * cid
+
+    def worker(self, cid: int) -> int:
+        return self.base + 2 + 2 * cid
+
+    def site_ports(self, cid: int) -> Dict[str, int]:
+        return {f"SuperNode of client {cid} (--port {self.base} + {1 + 2 * cid})": self.node(cid),
+                f"site worker of client {cid} (--port {self.base} + {2 + 2 * cid})": self.worker(cid)}
+
+
+@dataclass
+class DeployOptions:
+    """How the processes are started (defaults: single machine, loopback, no TLS).
+
+    Parameters
+    ----------
+    host : str
+        Address the SuperLink binds (``0.0.0.0`` to accept sites from other machines).
+    poll_interval : float
+        Seconds between the polls of SuperNode, SuperExec and ServerApp grid; ``0`` keeps
+        Flower's stock timings (3 s / 1 s / 3 s).
+    ssl_certfile, ssl_keyfile, ssl_ca_certfile : str
+        SuperLink TLS files; when unset the SuperLink runs ``--insecure``.
+    root_certificates : str
+        CA certificate the SuperNodes and ``flwr run`` use to verify the SuperLink (TLS).
+    enable_supernode_auth : bool
+        ``flower-superlink --enable-supernode-auth``.
+    auth_private_key : str
+        ``flower-supernode --auth-supernode-private-key`` (node authentication).
+    start_timeout, worker_timeout, stop_timeout : float
+        Seconds to wait for the Flower services, for a worker to load its data and model, and
+        for a child to exit after SIGTERM before SIGKILL.
+    """
+
+    host: str = "127.0.0.1"
+    poll_interval: float = 0.1
+    ssl_certfile: str = ""
+    ssl_keyfile: str = ""
+    ssl_ca_certfile: str = ""
+    root_certificates: str = ""
+    enable_supernode_auth: bool = False
+    auth_private_key: str = ""
+    start_timeout: float = 120.0
+    worker_timeout: float = 600.0
+    stop_timeout: float = 10.0
+    extra_env: Dict[str, str] = field(default_factory=dict)
+
+    @property
+    def tls(self) -> bool:
+        return bool(self.ssl_certfile)
+
+
+# ---------------------------------------------------------------------- environment
+def flower_command(name: str) -> str:
+    """The Flower executable ``name`` of this interpreter's environment (else from PATH)."""
+    candidate = Path(sys.executable).parent / name
+    if candidate.is_file():
+        return str(candidate)
+    found = shutil.which(name)
+    if found is None:
+        raise FileNotFoundError(f"{name} not found beside {sys.executable} nor on PATH; "
+                                "install flwr in this environment")
+    return found
+
+
+def child_env(flwr_home: Path, opts: DeployOptions, gpu: Optional[int] = None,
+              pin_device: bool = False, threads: int = 0) -> Dict[str, str]:
+    """Environment of a child: own FLWR_HOME, this venv first on PATH, quiet Flower.
+
+    With ``pin_device`` the child sees only GPU ``gpu`` (``CUDA_VISIBLE_DEVICES``), or no GPU
+    at all when ``gpu`` is None; ``threads > 0`` caps its OpenMP/BLAS threads (as the
+    Simulation Engine does for each client from ``cpus_per_client``).
+    """
+    env = dict(os.environ)
+    env["FLWR_HOME"] = str(flwr_home)
+    env["PATH"] = os.pathsep.join([str(Path(sys.executable).parent), env.get("PATH", "")])
+    env["PYTHONPATH"] = os.pathsep.join(p for p in [str(REPO), env.get("PYTHONPATH", "")] if p)
+    env.setdefault("FLWR_TELEMETRY_ENABLED", "0")
+    env.setdefault("FLWR_DISABLE_UPDATE_CHECK", "1")
+    env["PYTHONUNBUFFERED"] = "1"
+    if opts.poll_interval > 0:
+        env[SUPEREXEC_POLL_ENV] = str(max(opts.poll_interval, 0.01))
+        env[NODE_POLL_ENV] = str(opts.poll_interval)
+    else:
+        env[NODE_POLL_ENV] = "0"
+    if pin_device:
+        env["CUDA_VISIBLE_DEVICES"] = "" if gpu is None else str(gpu)
+    if threads > 0:
+        for key in ("OMP_NUM_THREADS", "MKL_NUM_THREADS", "OPENBLAS_NUM_THREADS"):
+            env[key] = str(threads)
+    env.update(opts.extra_env)
+    return env
+
+
+def write_flwr_config(flwr_home: Path, address: str, opts: DeployOptions) -> Path:
+    """``$FLWR_HOME/config.toml`` naming the connection :data:`CONNECTION` (the default)."""
+    flwr_home.mkdir(parents=True, exist_ok=True)
+    lines = ["[superlink]", f'default = "{CONNECTION}"', "", f"[superlink.{CONNECTION}]",
+             f'address = "{address}"']
+    if opts.root_certificates:
+        lines.append(f"root-certificates = {json.dumps(str(Path(opts.root_certificates).resolve()))}")
+    else:
+        lines.append("insecure = true")
+    path = flwr_home / "config.toml"
+    path.write_text("\n".join(lines) + "\n")
+    return path
+
+
+def gpu_for(cid: int, gpus: Sequence[int]) -> Optional[int]:
+    """Round-robin GPU of client ``cid`` (None: CPU)."""
+    return gpus[cid % len(gpus)] if gpus else None
+
+
+def _toml_string(value: str) -> str:
+    return f"'{value}'" if "'" not in value else json.dumps(value)
+
+
+# ---------------------------------------------------------------------- the parts
+def start_superlink(group: ProcessGroup, port: int, flwr_home: Path, opts: DeployOptions,
+                    name: str = "superlink") -> None:
+    """Start ``flower-superlink`` on ``opts.host:port`` and wait until it accepts connections."""
+    argv = [flower_command("flower-superlink"), "--host", opts.host, "--port", str(port),
+            "--disable-runtime-dependency-installation"]
+    if opts.tls:
+        argv += ["--ssl-certfile", opts.ssl_certfile, "--ssl-keyfile", opts.ssl_keyfile]
+        if opts.ssl_ca_certfile:
+            argv += ["--ssl-ca-certfile", opts.ssl_ca_certfile]
+    else:
+        argv.append("--insecure")
+    if opts.enable_supernode_auth:
+        argv.append("--enable-supernode-auth")
+    group.start(name, argv, env=child_env(flwr_home, opts), cwd=REPO)
+    probe = "127.0.0.1" if opts.host in ("0.0.0.0", "", "::") else opts.host
+    group.wait_port(name, probe, port, opts.start_timeout)
+    log.info("SuperLink listening on %s:%d (log: %s)", opts.host, port,
+             group.children[name].log_path)
+
+
+@dataclass
+class Site:
+    """What :func:`start_site` started for client ``cid``."""
+
+    cid: int
+    worker: str
+    supernode: str
+    worker_address: str
+    secret_file: Path
+    gpu: Optional[int]
+
+
+def start_worker(group: ProcessGroup, cid: int, snapshot: Path, address: str, secret_file: Path,
+                 env: Dict[str, str], overrides: Optional[Dict[str, str]] = None) -> str:
+    """Start the persistent site worker of client ``cid`` (does not wait for it)."""
+    name = f"worker{cid}"
+    argv = [sys.executable, "-m", "deployment.worker", "--cid", str(cid), "--config",
+            str(snapshot), "--address", address, "--secret-file", str(secret_file)]
+    for key, value in (overrides or {}).items():
+        argv += [f"--{key}", str(value)]
+    group.start(name, argv, env=env, cwd=REPO)
+    return name
+
+
+def wait_worker(group: ProcessGroup, name: str, cid: int, address: str, secret_file: Path,
+                timeout: float) -> None:
+    """Wait until worker ``name`` answers an authenticated ping as client ``cid``."""
+    secret = read_secret(secret_file)
+
+    def ready() -> bool:
+        try:
+            reply = request(address, secret, {"op": "ping"}, who=f"site worker of client {cid}")
+        except WorkerUnavailable:
+            return False
+        got = int(reply["metrics"]["cid"])
+        if got != cid:
+            raise ChildFailed(f"the worker at {address} serves client {got}, not {cid}")
+        return True
+
+    group.wait_until(ready, f"site worker of client {cid} at {address}", timeout, watch=[name])
+
+
+def start_supernode(group: ProcessGroup, cid: int, superlink: str, node_port: int,
+                    worker_address: str, secret_file: Path, env: Dict[str, str],
+                    opts: DeployOptions) -> str:
+    """Start the SuperNode of client ``cid`` (its ClientApp bridges to the worker)."""
+    name = f"supernode{cid}"
+    node_config = (f"cid={cid} worker-address={_toml_string(worker_address)} "
+                   f"worker-secret-file={_toml_string(str(secret_file))}")
+    argv = [sys.executable, "-m", "deployment.supernode", "--superlink", superlink,
+            "--port", str(node_port), "--node-config", node_config]
+    if opts.root_certificates:
+        argv += ["--root-certificates", opts.root_certificates]
+    else:
+        argv.append("--insecure")
+    if opts.auth_private_key:
+        argv += ["--auth-supernode-private-key", opts.auth_private_key]
+    group.start(name, argv, env=env, cwd=REPO)
+    return name
+
+
+def start_site(group: ProcessGroup, cid: int, snapshot: Path, superlink: str, out_dir: Path,
+               plan: PortPlan, gpu: Optional[int], opts: DeployOptions, threads: int = 1,
+               overrides: Optional[Dict[str, str]] = None, wait: bool = True) -> Site:
+    """Start client ``cid``'s worker and SuperNode (both pinned to ``gpu``, CPU if None).
+
+    ``threads``: CPU threads of the worker (``cpus_per_client``).
+    """
+    secret_file = write_secret(out_dir / "secrets" / f"client{cid}.key")
+    os.chmod(secret_file.parent, 0o700)
+    address = f"127.0.0.1:{plan.worker(cid)}"
+    flwr_home = out_dir / "flwr_home" / f"supernode{cid}"
+    worker = start_worker(group, cid, snapshot, address, secret_file,
+                          child_env(flwr_home, opts, gpu, pin_device=True, threads=threads),
+                          overrides)
+    node = start_supernode(group, cid, superlink, plan.node(cid), address, secret_file,
+                           child_env(flwr_home, opts, gpu, pin_device=True), opts)
+    site = Site(cid, worker, node, address, secret_file, gpu)
+    if wait:
+        wait_site(group, site, plan, opts)
+    return site
+
+
+def wait_site(group: ProcessGroup, site: Site, plan: PortPlan, opts: DeployOptions) -> None:
+    group.wait_port(site.supernode, "127.0.0.1", plan.node(site.cid), opts.start_timeout)
+    wait_worker(group, site.worker, site.cid, site.worker_address, site.secret_file,
+                opts.worker_timeout)
+    log.info("client %d ready: SuperNode on port %d, worker on %s, %s", site.cid,
+             plan.node(site.cid), site.worker_address,
+             "CPU" if site.gpu is None else f"CUDA_VISIBLE_DEVICES={site.gpu}")
+
+
+def submit_run(group: ProcessGroup, snapshot: Path, flwr_home: Path, opts: DeployOptions,
+               watch: Sequence[str] = ()) -> int:
+    """``flwr run`` the repository with ``snapshot``; stream its log; return 0 if it completed.
+
+    While the log streams, the children named in ``watch`` must stay alive; if one dies the
+    run is stopped and :class:`ChildFailed` raised.
+    """
+    run_config = (f"config-file={_toml_string(str(snapshot.resolve()))} "
+                  f"grid-poll-interval={max(opts.poll_interval / 2, 0.0)}")
+    argv = [flower_command("flwr"), "run", str(REPO), CONNECTION, "--stream",
+            "--run-config", run_config]
+    log.info("submitting: FLWR_HOME=%s %s", flwr_home,
+             " ".join(a if " " not in a else repr(a) for a in argv))
+    child = group.start("flwr-run", argv, env=child_env(flwr_home, opts), cwd=REPO,
+                        stdout=subprocess.PIPE)
+    lines: "queue.Queue[Optional[str]]" = queue.Queue()
+    threading.Thread(target=_pump, args=(child.proc.stdout, child.log_path, lines),
+                     daemon=True).start()
+    run_id = None
+    while True:
+        try:
+            line = lines.get(timeout=0.5)
+        except queue.Empty:
+            try:
+                group.check_alive(watch)
+            except ChildFailed:
+                if run_id is not None:
+                    _flwr(["stop", str(run_id), CONNECTION], flwr_home, opts)
+                raise
+            continue
+        if line is None:
+            break
+        match = re.search(r"Successfully started run (\d+)", line)
+        if match:
+            run_id = int(match.group(1))
+            log.info("run %d started", run_id)
+        log.info("| %s", line)
+    code = child.proc.wait()
+    if run_id is None:
+        log.error("flwr run exited with code %d before starting a run; see %s", code,
+                  child.log_path)
+        return code or RUN_FAILED
+    status = run_status(run_id, flwr_home, opts)
+    log.info("run %d ended: %s", run_id, status)
+    return 0 if status.endswith("completed") else RUN_FAILED
+
+
+def _pump(stream, log_path: Path, lines: "queue.Queue[Optional[str]]") -> None:
+    ansi = re.compile(r"\x1b\[[0-9;]*m")
+    with open(log_path, "a") as out:
+        for raw in iter(stream.readline, b""):
+            text = ansi.sub("", raw.decode(errors="replace")).rstrip()
+            out.write(text + "\n")
+            out.flush()
+            lines.put(text)
+    lines.put(None)
+
+
+def _flwr(args: List[str], flwr_home: Path, opts: DeployOptions) -> subprocess.CompletedProcess:
+    return subprocess.run([flower_command("flwr"), *args], env=child_env(flwr_home, opts),
+                          cwd=REPO, capture_output=True, text=True, timeout=60)
+
+
+def run_status(run_id: int, flwr_home: Path, opts: DeployOptions) -> str:
+    """``status`` of run ``run_id`` as ``flwr ls`` reports it (e.g. ``finished:completed``)."""
+    res = _flwr(["ls", CONNECTION, "--run-id", str(run_id), "--format", "json"], flwr_home, opts)
+    try:
+        runs = json.loads(res.stdout)["runs"]
+        return str(runs[0]["status"])
+    except (ValueError, KeyError, IndexError):
+        return f"unknown (flwr ls: {res.stdout.strip() or res.stderr.strip()})"
+
+
+# ---------------------------------------------------------------------- entry points
+def _group(out_dir: Path) -> ProcessGroup:
+    group = ProcessGroup(out_dir / "logs", out_dir / "pids.json")
+    group.write_pids()
+    return group
+
+
+def _finish(group: ProcessGroup, opts: DeployOptions) -> None:
+    group.stop_all(opts.stop_timeout)
+    group.write_pids()
+    log.info("stopped %d child process group(s); pids in %s", len(group.children), group.pid_file)
+
+
+def _interrupted(err: Interrupted) -> int:
+    log.warning("interrupted by %s: stopping every child process", err)
+    return 128 + err.signum
+
+
+def run_deployment(cfg, options: Optional[DeployOptions] = None) -> int:
+    """Run ``cfg`` on this machine: SuperLink, one site per client, ``flwr run``; clean up.
+
+    ``cfg.out_dir/config.toml`` must hold the snapshot (``flower_runner.py`` writes it).
+    Returns 0 when the run completed, 1 when it failed, 2 on a start-up error, 128 + signal
+    number when interrupted (130 for Ctrl-C).
+    """
+    opts = options or DeployOptions()
+    out_dir = Path(cfg.out_dir).resolve()
+    snapshot = out_dir / "config.toml"
+    plan = PortPlan(int(cfg.port))
+    ports = {f"SuperLink (--port {plan.base})": plan.superlink}
+    for cid in range(cfg.num_clients):
+        ports.update(plan.site_ports(cid))
+    check_ports_free(ports)
+    flwr_home = out_dir / "flwr_home"
+    superlink = f"127.0.0.1:{plan.superlink}"
+    write_flwr_config(flwr_home, superlink, opts)
+    gpus = _visible_gpus(list(cfg.gpus))
+    group = _group(out_dir)
+    started = time.perf_counter()
+    try:
+        with interrupts_raise():
+            start_superlink(group, plan.superlink, flwr_home, opts)
+            threads = max(1, int(cfg.cpus_per_client))
+            sites = [start_site(group, cid, snapshot, superlink, out_dir, plan,
+                                gpu_for(cid, gpus), opts, threads=threads, wait=False)
+                     for cid in range(cfg.num_clients)]
+            for site in sites:
+                wait_site(group, site, plan, opts)
+            log.info("federation up in %.1f s", time.perf_counter() - started)
+            watch = ["superlink"] + [n for s in sites for n in (s.worker, s.supernode)]
+            return submit_run(group, snapshot, flwr_home, opts, watch=watch)
+    except Interrupted as err:
+        return _interrupted(err)
+    except (ChildFailed, TimeoutError) as err:
+        log.error("deployment failed: %s", err)
+        return RUN_FAILED
+    finally:
+        _finish(group, opts)
+
+
+def _visible_gpus(gpus: List[int]) -> List[int]:
+    """``gpus`` if CUDA is usable here, else ``[]`` (CPU) with a warning."""
+    if not gpus:
+        return []
+    if shutil.which("nvidia-smi") is None and not Path("/proc/driver/nvidia").exists():
+        log.warning("--gpus %s given but no NVIDIA driver found: clients train on the CPU", gpus)
+        return []
+    return gpus
+
+
+def serve_superlink(port: int, out_dir: Path, opts: DeployOptions) -> int:
+    """Run only the coordinator until Ctrl-C (multi-machine deployments)."""
+    out_dir = out_dir.resolve()
+    check_ports_free({f"SuperLink (--port {port})": port}, host=opts.host if opts.host not in
+                     ("0.0.0.0", "::") else "0.0.0.0")
+    flwr_home = out_dir / "flwr_home"
+    group = _group(out_dir)
+    try:
+        with interrupts_raise():
+            start_superlink(group, port, flwr_home, opts)
+            log.info("sites join with: python flower_runner.py site --cid K --superlink "
+                     "<this host>:%d --config <snapshot>; submit with: python flower_runner.py "
+                     "launch --superlink <this host>:%d --config <snapshot>", port, port)
+            return _block(group)
+    except Interrupted as err:
+        return _interrupted(err)
+    except ChildFailed as err:
+        log.error("%s", err)
+        return RUN_FAILED
+    finally:
+        _finish(group, opts)
+
+
+def serve_site(snapshot: Path, cid: int, superlink: str, port: int, gpu: Optional[int],
+               opts: DeployOptions, overrides: Optional[Dict[str, str]] = None) -> int:
+    """Run only client ``cid`` (worker + SuperNode) until Ctrl-C.
+
+    ``overrides`` (``root_path``, ``out_root``) replace the snapshot's data and output roots
+    on this machine; logs and pids go to ``<out_dir>/site<cid>/``.
+    """
+    from configs import load_config
+
+    snapshot = snapshot.resolve()
+    cfg = load_config(snapshot).override(dict(overrides or {}), "site flags")
+    out_dir = Path(cfg.out_dir).resolve()
+    plan = PortPlan(port)
+    check_ports_free(plan.site_ports(cid))
+    group = _group(out_dir / f"site{cid}")
+    try:
+        with interrupts_raise():
+            site = start_site(group, cid, snapshot, superlink, out_dir, plan, gpu, opts,
+                              threads=max(1, int(cfg.cpus_per_client)), overrides=overrides)
+            log.info("client %d joined %s; Ctrl-C to leave", site.cid, superlink)
+            return _block(group)
+    except Interrupted as err:
+        return _interrupted(err)
+    except (ChildFailed, TimeoutError) as err:
+        log.error("site %d failed: %s", cid, err)
+        return RUN_FAILED
+    finally:
+        _finish(group, opts)
+
+
+def launch_run(snapshot: Path, superlink: str, opts: DeployOptions) -> int:
+    """Submit the run of ``snapshot`` to a running SuperLink and stream it (no other children)."""
+    from configs import load_config
+
+    out_dir = Path(load_config(snapshot).out_dir).resolve()
+    flwr_home = out_dir / "flwr_home"
+    write_flwr_config(flwr_home, superlink, opts)
+    group = ProcessGroup(out_dir / "logs")
+    try:
+        with interrupts_raise():
+            return submit_run(group, snapshot, flwr_home, opts)
+    except Interrupted as err:
+        return _interrupted(err)
+    finally:
+        group.stop_all(opts.stop_timeout)
+
+
+def _block(group: ProcessGroup) -> int:
+    """Wait until a child exits (then fail) or a signal arrives."""
+    first = next(iter(group.children.values()))
+    while True:
+        group.check_alive()
+        try:
+            first.proc.wait(timeout=0.5)
+        except subprocess.TimeoutExpired:
+            pass

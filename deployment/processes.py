@@ -1,0 +1,252 @@
+"""Child processes of a deployment: start in their own process group, wait until ready, stop.
+
+Every child starts with ``start_new_session=True``, so it leads a process group that also
+holds whatever it spawns (the SuperNode's SuperExec and ClientApp processes, the SuperLink's
+ServerApp). Stopping sends SIGTERM to each group, waits, then SIGKILLs what is left.
+"""
+from __future__ import annotations
+
+import errno
+import json
+import logging
+import os
+import signal
+import socket
+import subprocess
+import time
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Callable, Dict, IO, Iterator, List, Mapping, Optional, Sequence
+
+log = logging.getLogger("fedicra.deploy")
+
+POLL = 0.05  # seconds between readiness checks
+
+
+class PortBusyError(RuntimeError):
+    """A port the deployment needs is taken."""
+
+
+class ChildFailed(RuntimeError):
+    """A child process exited while it should have been starting or serving."""
+
+
+class Interrupted(Exception):
+    """SIGINT or SIGTERM arrived; ``signum`` says which."""
+
+    def __init__(self, signum: int) -> None:
+        super().__init__(signal.Signals(signum).name)
+        self.signum = signum
+
+
+# ---------------------------------------------------------------------- ports
+def check_ports_free(ports: Mapping[str, int], host: str = "127.0.0.1") -> None:
+    """Raise :class:`PortBusyError` naming the first port in ``ports`` that cannot be bound.
+
+    ``ports`` maps a description (e.g. ``"superlink --port"``) to the port number.
+    """
+    seen: Dict[int, str] = {}
+    for what, port in ports.items():
+        if port in seen:
+            raise PortBusyError(f"port {port} is planned twice ({seen[port]} and {what})")
+        seen[port] = what
+        if not 0 < port < 65536:
+            raise PortBusyError(f"port {port} for {what} is out of range; choose another --port")
+        with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            try:
+                sock.bind((host, port))
+            except OSError as err:
+                if err.errno in (errno.EADDRINUSE, errno.EACCES):
+                    raise PortBusyError(
+                        f"port {port} on {host} ({what}) is already in use; stop whatever "
+                        "holds it or choose another base port with --port") from None
+                raise
+
+
+def free_port(host: str = "127.0.0.1") -> int:
+    """A port the OS reports free right now (for tests and ad-hoc runs)."""
+    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+        sock.bind((host, 0))
+        return int(sock.getsockname()[1])
+
+
+def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
+    try:
+        with socket.create_connection((host, port), timeout=timeout):
+            return True
+    except OSError:
+        return False
+
+
+# ---------------------------------------------------------------------- children
+@dataclass
+class Child:
+    name: str
+    argv: List[str]
+    proc: subprocess.Popen
+    log_path: Path
+
+    @property
+    def pid(self) -> int:
+        return self.proc.pid
+
+    def alive(self) -> bool:
+        return self.proc.poll() is None
+
+    def log_tail(self, lines: int = 15) -> str:
+        try:
+            text = self.log_path.read_text(errors="replace").splitlines()
+        except OSError:
+            return ""
+        return "\n".join(text[-lines:])
+
+
+@dataclass
+class ProcessGroup:
+    """The children of one launcher; see the module docstring.
+
+    Parameters
+    ----------
+    log_dir : Path
+        Every child's stdout and stderr go to ``log_dir/<name>.log``.
+    pid_file : Path, optional
+        Rewritten with ``{name: pid}`` of every child after each start.
+    """
+
+    log_dir: Path
+    pid_file: Optional[Path] = None
+    children: Dict[str, Child] = field(default_factory=dict)
+
+    def start(self, name: str, argv: Sequence[str], env: Optional[Mapping[str, str]] = None,
+              cwd: Optional[Path] = None, stdout: Optional[int] = None) -> Child:
+        """Start ``argv`` as child ``name`` in a new session (its own process group).
+
+        ``stdout=subprocess.PIPE`` keeps stdout readable by the caller (stderr still goes to
+        the log file); by default both go to the log file.
+        """
+        if name in self.children:
+            raise ValueError(f"a child named {name!r} was already started")
+        self.log_dir.mkdir(parents=True, exist_ok=True)
+        log_path = self.log_dir / f"{name}.log"
+        log_file: IO[bytes] = open(log_path, "ab")
+        try:
+            proc = subprocess.Popen(
+                list(argv), env=dict(env) if env is not None else None, cwd=cwd,
+                stdin=subprocess.DEVNULL, stdout=log_file if stdout is None else stdout,
+                stderr=log_file, start_new_session=True)
+        finally:
+            log_file.close()  # the child holds its own descriptor
+        child = Child(name, list(argv), proc, log_path)
+        self.children[name] = child
+        log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
+        self.write_pids()
+        return child
+
+    def write_pids(self) -> None:
+        if self.pid_file is None:
+            return
+        self.pid_file.parent.mkdir(parents=True, exist_ok=True)
+        tmp = self.pid_file.with_suffix(".tmp")
+        tmp.write_text(json.dumps({n: c.pid for n, c in self.children.items()}, indent=1))
+        os.replace(tmp, self.pid_file)
+
+    def check_alive(self, names: Optional[Sequence[str]] = None) -> None:
+        """Raise :class:`ChildFailed` (with its log tail) if a named child has exited."""
+        for name in names or list(self.children):
+            child = self.children[name]
+            if not child.alive():
+                raise ChildFailed(f"{name} exited with code {child.proc.returncode}; last lines "
+                                  f"of {child.log_path}:\n{child.log_tail()}")
+
+    def wait_until(self, ready: Callable[[], bool], what: str, timeout: float,
+                   watch: Sequence[str] = ()) -> None:
+        """Poll ``ready()`` until it holds; fail after ``timeout`` s or when a watched child dies."""
+        deadline = time.monotonic() + timeout
+        while not ready():
+            self.check_alive(watch)
+            if time.monotonic() > deadline:
+                raise TimeoutError(f"{what} not ready within {timeout:.0f} s")
+            time.sleep(POLL)
+
+    def wait_port(self, name: str, host: str, port: int, timeout: float) -> None:
+        """Wait until child ``name`` accepts TCP connections on ``host:port``."""
+        self.wait_until(lambda: port_open(host, port), f"{name} on {host}:{port}", timeout,
+                        watch=[name])
+
+    def stop_all(self, timeout: float = 10.0) -> None:
+        """SIGTERM every child's process group, then SIGKILL what outlives ``timeout``."""
+        for child in reversed(list(self.children.values())):
+            _signal_group(child.pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        for child in self.children.values():
+            _wait_group(child, deadline)
+        for child in self.children.values():
+            if _group_alive(child.pid):
+                log.warning("%s (pid %d) ignored SIGTERM for %.0f s: killing it", child.name,
+                            child.pid, timeout)
+                _signal_group(child.pid, signal.SIGKILL)
+        for child in self.children.values():
+            _wait_group(child, time.monotonic() + 5.0)
+
+
+def _signal_group(pgid: int, sig: int) -> None:
+    try:
+        os.killpg(pgid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def group_members(pgid: int) -> List[int]:
+    """Live (non-zombie) processes in process group ``pgid``, read from ``/proc``."""
+    members = []
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue  # it went away while we looked
+        state, group = fields[0], int(fields[2])
+        if group == pgid and state not in (b"Z", b"X"):
+            members.append(int(entry))
+    return members
+
+
+def _group_alive(pgid: int) -> bool:
+    if os.path.isdir("/proc"):
+        return bool(group_members(pgid))
+    try:
+        os.killpg(pgid, 0)
+    except ProcessLookupError:
+        return False
+    except PermissionError:
+        return True
+    return True
+
+
+def _wait_group(child: Child, deadline: float) -> None:
+    """Reap the leader and wait (until ``deadline``) for the rest of its group to go."""
+    while time.monotonic() < deadline:
+        child.proc.poll()
+        if not _group_alive(child.pid):
+            return
+        time.sleep(POLL)
+    child.proc.poll()
+
+
+# ---------------------------------------------------------------------- signals
+@contextmanager
+def interrupts_raise() -> Iterator[None]:
+    """Turn SIGINT and SIGTERM into :class:`Interrupted` in the main thread while active."""
+
+    def handler(signum: int, frame) -> None:
+        raise Interrupted(signum)
+
+    previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
