@@ -78,7 +78,9 @@ class SiteTrainer:
         self.model = build_for_run(cfg, cid).to(self.device)
         self.objective = WeakObjective(ObjectiveConfig(
             procedure=cfg.procedure, lambda_tree=cfg.lambda_tree, lambda_crf=cfg.lambda_crf,
-            alpha=cfg.alpha, crf_downsample=cfg.crf_downsample))
+            alpha=cfg.alpha, sigma_low=cfg.tree_sigma_low, sigma_high=cfg.tree_sigma_high,
+            crf_sigma_xy=cfg.crf_sigma_xy, crf_sigma_rgb=cfg.crf_sigma_rgb,
+            crf_radius=cfg.crf_radius, crf_downsample=cfg.crf_downsample))
         self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.base_lr,
                                            weight_decay=cfg.weight_decay)
         self.batches = InfiniteBatches(self.train_set, cfg.batch_size, seed=cfg.seed * 1000 + cid)

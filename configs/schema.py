@@ -47,7 +47,12 @@ class RunConfig:
     alpha: float = 1.0
     lambda_tree: float = 0.1
     lambda_crf: float = 0.1
+    crf_sigma_xy: float = 6.0
+    crf_sigma_rgb: float = 0.1
+    crf_radius: int = 5
     crf_downsample: int = 1
+    tree_sigma_low: float = 0.02
+    tree_sigma_high: float = 1.0
     # federation
     strategy: str = "FedICRA"
     num_clients: int = 5

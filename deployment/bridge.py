@@ -8,6 +8,9 @@ Flower :class:`~flwr.app.Message`. Node config keys (set by ``flower_runner.py``
 - ``worker-address``: ``HOST:PORT`` of the worker (local to the node);
 - ``worker-secret-file``: path of the file holding the secret shared with the worker.
 
+Arrays arrive packed into one array when the server runs :mod:`deployment.server_app`; the
+reply is packed the same way then (see :mod:`deployment.packing`).
+
 This module imports numpy and flwr only (no torch, no medpy), so starting it is cheap.
 """
 from __future__ import annotations
@@ -18,6 +21,7 @@ from flwr.app import Array, ArrayRecord, Context, Message, MetricRecord, RecordD
 from flwr.clientapp import ClientApp
 
 from .channel import read_secret, request
+from .packing import is_packed, pack_record, record_arrays
 
 app = ClientApp()
 
@@ -55,8 +59,7 @@ def ask_worker(context: Context, op: str, config: Mapping[str, Any],
 
 
 def _arrays(msg: Message) -> Dict[str, Any]:
-    record = msg.content.array_records.get("arrays")
-    return {} if record is None else {k: v.numpy() for k, v in record.items()}
+    return record_arrays(msg.content.array_records.get("arrays"))
 
 
 def _config(msg: Message) -> Dict[str, Any]:
@@ -67,7 +70,10 @@ def _config(msg: Message) -> Dict[str, Any]:
 @app.train()
 def train(msg: Message, context: Context) -> Message:
     reply = ask_worker(context, "train", _config(msg), _arrays(msg))
-    arrays = ArrayRecord({k: Array(v) for k, v in reply["arrays"].items()})
+    if is_packed(msg.content.array_records.get("arrays")):
+        arrays = pack_record(reply["arrays"])
+    else:
+        arrays = ArrayRecord({k: Array(v) for k, v in reply["arrays"].items()})
     content = RecordDict({"arrays": arrays, "metrics": MetricRecord(reply["metrics"])})
     return Message(content=content, reply_to=msg)
 

@@ -23,6 +23,8 @@ from typing import Any, Dict, Mapping, Tuple
 
 import numpy as np
 
+from .packing import join_arrays, split_arrays
+
 #: Bytes of a freshly generated secret.
 SECRET_BYTES = 32
 PROTOCOL = 1
@@ -72,33 +74,20 @@ def _plain(value: Any) -> Any:
 
 def encode(message: Mapping[str, Any]) -> Tuple[bytes, bytes]:
     """``message`` -> (JSON header, array buffer); ``message['arrays']`` maps names to arrays."""
-    arrays = message.get("arrays") or {}
-    index, chunks, offset = [], [], 0
-    for name, value in arrays.items():
-        array = np.ascontiguousarray(value)
-        if array.dtype.hasobject:
-            raise TypeError(f"array {name!r} has dtype object; only numeric arrays are sent")
-        index.append([name, array.dtype.str, list(array.shape), offset, array.nbytes])
-        chunks.append(array.tobytes())
-        offset += array.nbytes
+    index, buffer = split_arrays(message.get("arrays") or {})
     header = {k: ({str(a): _plain(b) for a, b in v.items()} if isinstance(v, Mapping) else _plain(v))
               for k, v in message.items() if k != "arrays"}
     header["arrays"] = index
     header["protocol"] = PROTOCOL
-    return json.dumps(header).encode(), b"".join(chunks)
+    return json.dumps(header).encode(), buffer
 
 
 def decode(header: bytes, buffer: bytes) -> Dict[str, Any]:
-    """Inverse of :func:`encode` (arrays are copies, writable)."""
+    """Inverse of :func:`encode` (arrays are writable copies)."""
     message = json.loads(header.decode())
     if message.pop("protocol", None) != PROTOCOL:
         raise ValueError("channel protocol mismatch between bridge and worker")
-    arrays = {}
-    for name, dtype, shape, offset, nbytes in message.get("arrays", []):
-        dt = np.dtype(dtype)
-        flat = np.frombuffer(buffer, dtype=dt, count=nbytes // dt.itemsize, offset=offset)
-        arrays[name] = flat.reshape(shape).copy()
-    message["arrays"] = arrays
+    message["arrays"] = join_arrays(message.get("arrays", []), buffer)
     return message
 
 

@@ -298,7 +298,7 @@ def submit_run(group: ProcessGroup, snapshot: Path, flwr_home: Path, opts: Deplo
     run is stopped and :class:`ChildFailed` raised.
     """
     run_config = (f"config-file={_toml_string(str(snapshot.resolve()))} "
-                  f"grid-poll-interval={max(opts.poll_interval / 2, 0.0)}")
+                  f"grid-poll-interval={opts.poll_interval / 2 if opts.poll_interval > 0 else 3.0}")
     argv = [flower_command("flwr"), "run", str(REPO), CONNECTION, "--stream",
             "--run-config", run_config]
     log.info("submitting: FLWR_HOME=%s %s", flwr_home,

@@ -54,6 +54,8 @@ def check_ports_free(ports: Mapping[str, int], host: str = "127.0.0.1") -> None:
         if not 0 < port < 65536:
             raise PortBusyError(f"port {port} for {what} is out of range; choose another --port")
         with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
+            # as the servers themselves do: connections in TIME_WAIT do not block the port
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
             try:
                 sock.bind((host, port))
             except OSError as err:

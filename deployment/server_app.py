@@ -1,39 +1,47 @@
-"""The deployment ServerApp: the project's ServerApp behind a Grid that polls for replies faster.
+"""The deployment ServerApp: the project's ServerApp behind a grid suited to real transport.
 
-Flower 1.42's HTTP Grid checks for the nodes' replies every 3 s, which adds up to 3 s to every
-round. :class:`PollingGrid` keeps the Grid contract (it only uses the public ``push_messages``
-/ ``pull_messages`` methods of the wrapped grid) but polls every ``grid-poll-interval``
-seconds (run config; 0 keeps Flower's own ``send_and_receive``). Everything else is
+:class:`DeploymentGrid` wraps the Grid Flower hands to the ServerApp and changes two things,
+both invisible to the strategy:
+
+- it packs each outgoing message's arrays into one array and unpacks the replies
+  (:mod:`deployment.packing`; Flower moves every array as its own HTTP object otherwise);
+- it polls for replies every ``grid-poll-interval`` seconds (run config) instead of every 3 s.
+
+It uses only the public Grid methods of the wrapped grid. Everything else is
 :data:`strategies.server_app.app`: it reads ``config-file`` from the run config and runs all
 rounds.
 """
 from __future__ import annotations
 
 import time
-from typing import Iterable, Optional
+from typing import Iterable, List, Optional
 
 from flwr.app import Context, Message, RecordDict
 from flwr.serverapp import Grid, ServerApp
 
 from strategies.server_app import app as project_app
 
+from .packing import pack_content, unpack_content
+
 POLL_KEY = "grid-poll-interval"
+#: Used when the run config does not set ``grid-poll-interval`` (Flower's own value is 3 s).
+DEFAULT_POLL = 0.05
 
 app = ServerApp()
 
 
-class PollingGrid(Grid):
-    """Delegates to ``grid``; ``send_and_receive`` polls every ``interval`` seconds.
+class DeploymentGrid(Grid):
+    """Delegates to ``grid``; packs arrays on the way out, unpacks replies, polls faster.
 
     Parameters
     ----------
     grid : Grid
         The grid Flower handed to the ServerApp.
     interval : float
-        Seconds between two pulls for replies.
+        Seconds between two pulls for replies in :meth:`send_and_receive`.
     """
 
-    def __init__(self, grid: Grid, interval: float) -> None:
+    def __init__(self, grid: Grid, interval: float = DEFAULT_POLL) -> None:
         self.grid = grid
         self.interval = interval
 
@@ -55,15 +63,24 @@ class PollingGrid(Grid):
         return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
-        return self.grid.push_messages(messages)
+        outgoing = []
+        for msg in messages:
+            if msg.has_content():
+                msg.content = pack_content(msg.content)
+            outgoing.append(msg)
+        return self.grid.push_messages(outgoing)
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
-        return self.grid.pull_messages(message_ids)
+        replies = list(self.grid.pull_messages(message_ids))
+        for msg in replies:
+            if msg.has_content():
+                msg.content = unpack_content(msg.content)
+        return replies
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: Optional[float] = None) -> Iterable[Message]:
         pending = set(self.push_messages(messages))
-        replies: list = []
+        replies: List[Message] = []
         deadline = None if timeout is None else time.monotonic() + timeout
         while pending and (deadline is None or time.monotonic() < deadline):
             got = list(self.pull_messages(pending))
@@ -77,4 +94,4 @@ class PollingGrid(Grid):
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     interval = float(context.run_config.get(POLL_KEY, 0.0) or 0.0)
-    project_app(PollingGrid(grid, interval) if interval > 0 else grid, context)
+    project_app(DeploymentGrid(grid, interval if interval > 0 else DEFAULT_POLL), context)

@@ -40,7 +40,10 @@ def main() -> None:
     interval = float(os.environ.get(ENV_KEY, "0.1"))
     if interval > 0:
         cap_node_sleeps(interval)
+    from flwr.supercore.logger import update_console_handler
     from flwr.supernode.cli import flower_supernode
+
+    update_console_handler(timestamps=True, colored=False)  # log files, not a terminal
 
     sys.argv[0] = "flower-supernode"
     flower_supernode()

@@ -16,6 +16,7 @@ import argparse
 import logging
 import signal
 import sys
+import time
 import traceback
 from multiprocessing.connection import Listener
 from pathlib import Path
@@ -134,7 +135,13 @@ def serve(worker: SiteWorker, address: str, secret: bytes) -> None:
             with conn:
                 try:
                     while True:
-                        send(conn, worker.handle(receive(conn)))
+                        message = receive(conn)
+                        start = time.perf_counter()
+                        reply = worker.handle(message)
+                        send(conn, reply)
+                        log.info("client %d: %s round %s answered in %.2f s", worker.cid,
+                                 message.get("op"), message.get("config", {}).get("server-round", "-"),
+                                 time.perf_counter() - start)
                 except EOFError:
                     pass
                 except (ConnectionError, OSError, ValueError) as err:

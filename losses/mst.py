@@ -33,6 +33,7 @@ __all__ = [
     "grid_edge_costs",
     "num_grid_edges",
     "edge_endpoints",
+    "grid_edge_ends",
     "edge_keys",
     "boruvka_mst",
     "root_by_euler_tour",
@@ -52,21 +53,13 @@ class RootedTree(NamedTuple):
     Attributes
     ----------
     parent : Tensor
-        ``(B*N,)`` int64, global id of each vertex's parent; a root is its own parent.
-    edge_u, edge_v : Tensor
-        ``(B*(N-1),)`` int64, global vertex ids of the tree edges (``edge_v`` is the parent of
-        ``edge_u``), ordered by global edge id.
-    edge_of_vertex : Tensor
-        ``(B*N,)`` int64, index into ``edge_u`` of the edge from a vertex to its parent, or
-        ``B*(N-1)`` for a root.
+        ``(B*N,)`` int64, global id of each vertex's parent; a root is its own parent. The
+        tree edges are the pairs ``(v, parent[v])`` of the non-root vertices.
     num_rounds : int
-        Sequential rounds of the construction (Boruvka rounds; 0 for the scipy path).
+        Boruvka rounds of the construction (0 for the scipy path).
     """
 
     parent: Tensor
-    edge_u: Tensor
-    edge_v: Tensor
-    edge_of_vertex: Tensor
     num_rounds: int
 
 
@@ -97,8 +90,8 @@ def grid_edge_costs(guide: Tensor, cost_offset: float = 0.0) -> Tensor:
     return cost + cost_offset if cost_offset else cost
 
 
-def edge_endpoints(edge_ids: Tensor, height: int, width: int) -> tuple[Tensor, Tensor, Tensor]:
-    """Endpoints and direction of grid edges given by global id.
+def edge_endpoints(edge_ids: Tensor, height: int, width: int) -> tuple[Tensor, Tensor]:
+    """Endpoints of grid edges given by global id (arithmetic form, for tests and tools).
 
     Parameters
     ----------
@@ -110,8 +103,7 @@ def edge_endpoints(edge_ids: Tensor, height: int, width: int) -> tuple[Tensor, T
     Returns
     -------
     tuple of Tensor
-        ``u``, ``v`` (``(M,)`` int64 global vertex ids, ``v`` right of or below ``u``) and
-        ``direction`` (``(M,)`` int64, 0 for horizontal, 1 for vertical: the direction u->v).
+        ``u``, ``v``: ``(M,)`` int64 global vertex ids, ``v`` right of or below ``u``.
     """
     num_edges = num_grid_edges(height, width)
     num_h = height * (width - 1)
@@ -120,12 +112,30 @@ def edge_endpoints(edge_ids: Tensor, height: int, width: int) -> tuple[Tensor, T
     # horizontal edge e = i*(W-1) + j starts at i*W + j; vertical edge e' starts at e'
     u_h = local + local // max(width - 1, 1)
     u = torch.where(vertical, local - num_h, u_h) + image * (height * width)
-    v = u + torch.where(vertical, width, 1)
-    return u, v, vertical.long()
+    return u, u + torch.where(vertical, width, 1)
+
+
+def grid_edge_ends(batch: int, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
+    """Endpoints of every grid edge of the batch, in global edge id order.
+
+    Returns
+    -------
+    tuple of Tensor
+        ``u``, ``v``: ``(B*E,)`` int64 global vertex ids, ``v`` right of or below ``u``.
+    """
+    vid = torch.arange(batch * height * width, device=device).view(batch, height, width)
+
+    def side(h_slice: Tensor, v_slice: Tensor) -> Tensor:
+        return torch.cat([h_slice.reshape(batch, -1), v_slice.reshape(batch, -1)], 1).reshape(-1)
+
+    return side(vid[:, :, :-1], vid[:, :-1, :]), side(vid[:, :, 1:], vid[:, 1:, :])
 
 
 def edge_keys(cost: Tensor) -> Tensor:
-    """Integer keys that order edges by (cost, global edge id), the id in the low 31 bits.
+    """Integer keys that order edges by cost, with the low 31 bits zero.
+
+    OR-ing an edge's position in an id-ordered edge list (or its id) into the low bits
+    gives a strict order by (cost, edge id), which makes the MST unique.
 
     Parameters
     ----------
@@ -135,8 +145,7 @@ def edge_keys(cost: Tensor) -> Tensor:
     Returns
     -------
     Tensor
-        ``(B*E,)`` int64 keys with the low 31 bits zero. OR-ing the edge's position in an
-        id-ordered edge list into the low bits gives a strict order by (cost, edge id).
+        ``(B*E,)`` int64 keys.
     """
     flat = cost.reshape(-1)
     if flat.numel() > _ID_MASK:
@@ -161,7 +170,8 @@ def boruvka_mst(cost: Tensor, height: int, width: int) -> tuple[Tensor, int]:
     keys ordered by (cost, edge id), so the choice is unique and no cycle other than a mutual
     pair can form), hooks onto the component at the other end, the mutual pairs are broken by
     component id, and labels are shortcut by pointer jumping. Intra-component edges are then
-    dropped. At least half of the components disappear every round: O(log N) rounds.
+    dropped. At least half of the components disappear every round: O(log N) rounds. The
+    first round, where components are pixels, is a dense minimum over the 4 neighbours.
 
     Parameters
     ----------
@@ -173,64 +183,97 @@ def boruvka_mst(cost: Tensor, height: int, width: int) -> tuple[Tensor, int]:
     Returns
     -------
     tuple
-        ``(edge_ids, rounds)``: ``(B*(N-1),)`` int64 sorted global ids of the tree edges and
-        the number of Boruvka rounds.
+        ``(edge_ids, rounds)``: ``(B*(N-1),)`` int64 global ids of the tree edges (in no
+        particular order) and the number of Boruvka rounds.
     """
     batch, num_edges = cost.shape
     if num_edges != num_grid_edges(height, width):
         raise ValueError(f"cost has {num_edges} edges, a {height}x{width} grid has {num_grid_edges(height, width)}")
     device = cost.device
+    if num_edges == 0:
+        return torch.zeros(0, dtype=torch.int64, device=device), 0
     key_high = edge_keys(cost)
-    edge_id = torch.arange(batch * num_edges, device=device)
-    u, v, _ = edge_endpoints(edge_id, height, width)
-    ends = torch.stack([u, v])  # (2, E_remaining): component labels of the edge's ends
-    num_comp = batch * height * width
-    best = torch.empty(num_comp, dtype=torch.int64, device=device)
-    chosen: list[Tensor] = []
-    rounds = 0
+    end_u, end_v = grid_edge_ends(batch, height, width, device)
+    parent, chosen = _first_round(key_high, end_u, end_v, batch, height, width)
+    chosen_all = [chosen]
+    rounds = 1
+    relabel, num_comp = _contract(parent)
+    ends = relabel.index_select(0, torch.cat([end_u, end_v])).view(2, -1)
+    inter = torch.nonzero(ends[0] != ends[1]).squeeze(1)
+    ends, key_high, edge_id = ends.index_select(1, inter), key_high.index_select(0, inter), inter
     while edge_id.numel() > 0:
         rounds += 1
         # the position in the id-ordered edge list breaks cost ties by edge id
         key = key_high | torch.arange(edge_id.numel(), device=device)
-        best = best[:num_comp].fill_(_INT64_MAX)
+        best = torch.full((num_comp,), _INT64_MAX, dtype=torch.int64, device=device)
         best.scatter_reduce_(0, ends[0], key, "amin")
         best.scatter_reduce_(0, ends[1], key, "amin")
-        comp = torch.nonzero(best != _INT64_MAX).squeeze(1)
-        pos = best.index_select(0, comp) & _ID_MASK
+        has_edge = best != _INT64_MAX
+        pos = torch.where(has_edge, best & _ID_MASK, 0)
         cu, cv = ends.index_select(1, pos)
         ids = torch.arange(num_comp, device=device)
-        parent = ids.index_put((comp,), torch.where(cu == comp, cv, cu))
-        # the only cycles are pairs that chose the same edge: the smaller id becomes the root
-        mutual = (parent.index_select(0, parent) == ids) & (ids < parent)
-        parent = torch.where(mutual, ids, parent)
-        hooked = torch.nonzero(parent.index_select(0, comp) != comp).squeeze(1)
-        chosen.append(edge_id.index_select(0, pos.index_select(0, hooked)))
-        parent = _shortcut(parent)
-        is_root = parent == ids
-        new_label = torch.cumsum(is_root, 0) - 1
-        relabel = new_label.index_select(0, parent)
-        num_comp = int(new_label[-1]) + 1
-        ends = relabel.index_select(0, ends.reshape(-1)).reshape(2, -1)
+        parent = torch.where(has_edge, torch.where(cu == ids, cv, cu), ids)
+        parent, hooked = _break_mutual_pairs(parent, ids)
+        chosen_all.append(edge_id.index_select(0, pos.index_select(0, hooked)))
+        relabel, num_comp = _contract(parent)
+        ends = relabel.index_select(0, ends.reshape(-1)).view(2, -1)
         inter = torch.nonzero(ends[0] != ends[1]).squeeze(1)
         ends = ends.index_select(1, inter)
         key_high = key_high.index_select(0, inter)
         edge_id = edge_id.index_select(0, inter)
-    if not chosen:
-        return torch.zeros(0, dtype=torch.int64, device=device), 0
-    return torch.sort(torch.cat(chosen)).values, rounds
+    return torch.cat(chosen_all), rounds
 
 
-def _shortcut(parent: Tensor) -> Tensor:
-    """Pointer jumping until every vertex points at the root of its tree."""
-    while True:
+def _first_round(
+    key_high: Tensor, end_u: Tensor, end_v: Tensor, batch: int, height: int, width: int
+) -> tuple[Tensor, Tensor]:
+    """Boruvka round on single-pixel components: each pixel's cheapest incident edge.
+
+    Returns the hook pointers ``(B*N,)`` and the ids of the edges chosen.
+    """
+    num_h = height * (width - 1)
+    key = (key_high | torch.arange(key_high.numel(), device=key_high.device)).view(batch, -1)
+    key_h = key[:, :num_h].view(batch, height, width - 1)
+    key_v = key[:, num_h:].view(batch, height - 1, width)
+    candidates = torch.full((4, batch, height, width), _INT64_MAX, dtype=torch.int64, device=key.device)
+    candidates[0, :, :, :-1] = key_h  # edge to the right
+    candidates[1, :, :, 1:] = key_h  # edge to the left
+    candidates[2, :, :-1, :] = key_v  # edge below
+    candidates[3, :, 1:, :] = key_v  # edge above
+    # elementwise minimum: much faster than an int64 reduction over the leading dimension
+    best = torch.minimum(torch.minimum(candidates[0], candidates[1]), torch.minimum(candidates[2], candidates[3]))
+    best = best.reshape(-1)
+    edge = best & _ID_MASK
+    ids = torch.arange(best.numel(), device=best.device)
+    parent = end_u.index_select(0, edge) + end_v.index_select(0, edge) - ids
+    parent, hooked = _break_mutual_pairs(parent, ids)
+    return parent, edge.index_select(0, hooked)
+
+
+def _break_mutual_pairs(parent: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
+    """Make the smaller id of each pair that chose the same edge a root.
+
+    Returns the hook pointers and the indices of the hooked (non-root) components.
+    """
+    mutual = (parent.index_select(0, parent) == ids) & (ids < parent)
+    parent = torch.where(mutual, ids, parent)
+    return parent, torch.nonzero(parent != ids).squeeze(1)
+
+
+def _contract(parent: Tensor) -> tuple[Tensor, int]:
+    """New component label of every old one, after shortcutting the hook forest."""
+    while True:  # pointer jumping until every component points at its root
         grand = parent.index_select(0, parent)
         if torch.equal(grand, parent):
-            return parent
+            break
         parent = grand
+    is_root = parent == torch.arange(parent.numel(), device=parent.device)
+    new_label = torch.cumsum(is_root, 0) - 1
+    return new_label.index_select(0, parent), int(new_label[-1]) + 1
 
 
 def _next_direction_table(device: torch.device) -> Tensor:
-    """``(64,)`` int64 table: entry ``mask*4 + d`` is the first direction after ``d``
+    """``(64,)`` table: entry ``mask*4 + d`` is the first direction after ``d``
     (cyclically: d+1, d+2, d+3, d) whose bit is set in the 4-bit ``mask``; 0 for mask 0."""
     table = torch.zeros(16, 4, dtype=torch.int64)
     for mask in range(1, 16):
@@ -243,53 +286,57 @@ def _next_direction_table(device: torch.device) -> Tensor:
 
 
 @torch.no_grad()
-def root_by_euler_tour(edge_ids: Tensor, batch: int, height: int, width: int) -> RootedTree:
+def root_by_euler_tour(edge_ids: Tensor, batch: int, height: int, width: int) -> Tensor:
     """Orient a spanning forest of grids towards pixel (0, 0) of each image.
 
     The Euler tour of a tree visits every edge twice, once in each direction; the direction
     taken first (from the root) points from parent to child. The tour's successor of the
     arc ``u -> v`` is the arc leaving ``v`` right after ``v -> u`` in ``v``'s cyclic list of
-    directions; the tours are cut at each root and ranked by pointer jumping (Wyllie's list
-    ranking): ceil(log2(2(N-1))) rounds of gathers.
+    directions (0 right, 1 down, 2 left, 3 up); the tours are cut at each root and ranked by
+    pointer jumping (Wyllie's list ranking): ceil(log2(2N - 3)) rounds of gathers.
 
     Parameters
     ----------
     edge_ids : Tensor
-        ``(B*(N-1),)`` int64 sorted global ids of the tree edges.
+        ``(B*(N-1),)`` int64 global ids of the tree edges, any order.
     batch, height, width : int
         Batch size and grid size.
 
     Returns
     -------
-    RootedTree
-        The rooted forest (``num_rounds`` is 0; the caller fills it).
+    Tensor
+        ``(B*N,)`` int64 parent of each vertex; roots point to themselves.
     """
     device = edge_ids.device
     num_vertices = height * width
     total = batch * num_vertices
     vertex = torch.arange(total, device=device)
-    u, v, direction = edge_endpoints(edge_ids, height, width)
     num_tree = edge_ids.numel()
     if num_tree == 0:
-        return RootedTree(vertex, u, v, torch.zeros_like(vertex), 0)
+        return vertex
+    end_u, end_v = grid_edge_ends(batch, height, width, device)
+    u, v = end_u.index_select(0, edge_ids), end_v.index_select(0, edge_ids)
+    direction = (v - u == width).long()  # 0: v right of u, 1: v below u
 
     src = torch.cat([u, v])
     dst = torch.cat([v, u])
     arc_dir = torch.cat([direction, direction + 2])
     num_arcs = 2 * num_tree
     arc = torch.arange(num_arcs, device=device)
-    slot = torch.full((4 * total,), -1, dtype=torch.int64, device=device)
-    slot[src * 4 + arc_dir] = arc
+    src_slot = src * 4 + arc_dir
+    slot = torch.zeros(4 * total, dtype=torch.int64, device=device).index_copy_(0, src_slot, arc)
     # each (vertex, direction) appears once, so the sum of the bits is their OR
     mask = torch.zeros(total, dtype=torch.int64, device=device).index_add_(0, src, 1 << arc_dir)
     table = _next_direction_table(device)
-    successor = slot[dst * 4 + table[mask[dst] * 4 + (arc_dir + 2) % 4]]
+    next_dir = table.index_select(0, mask.index_select(0, dst) * 4 + ((arc_dir + 2) & 3))
+    successor = slot.index_select(0, dst * 4 + next_dir)
 
     roots = torch.arange(batch, device=device) * num_vertices
-    first_arc = slot[roots * 4 + table[mask[roots] * 4 + 3]]
+    first_dir = table.index_select(0, mask.index_select(0, roots) * 4 + 3)
+    first_arc = slot.index_select(0, roots * 4 + first_dir)
     is_first = torch.zeros(num_arcs, dtype=torch.bool, device=device)
     is_first[first_arc] = True
-    is_last = is_first[successor]
+    is_last = is_first.index_select(0, successor)
     index_dtype = torch.int32 if num_arcs < 2**31 else torch.int64
     successor = torch.where(is_last, arc, successor).to(index_dtype)
     remaining = (~is_last).to(index_dtype)  # arcs still to walk to the end of the tour
@@ -299,14 +346,8 @@ def root_by_euler_tour(edge_ids: Tensor, batch: int, height: int, width: int) ->
         successor = successor.index_select(0, successor)
         length *= 2
     down = remaining[:num_tree] > remaining[num_tree:]  # u -> v comes first: u is the parent
-
     child = torch.where(down, v, u)
-    par = torch.where(down, u, v)
-    parent = vertex.clone()
-    parent[child] = par
-    edge_of_vertex = torch.full((total,), num_tree, dtype=torch.int64, device=device)
-    edge_of_vertex[child] = torch.arange(num_tree, device=device)
-    return RootedTree(parent, child, par, edge_of_vertex, 0)
+    return vertex.index_copy(0, child, torch.where(down, u, v))
 
 
 @torch.no_grad()
@@ -330,8 +371,7 @@ def rooted_mst(guide: Tensor, cost_offset: float = 0.0) -> RootedTree:
     batch, _, height, width = guide.shape
     cost = grid_edge_costs(guide.detach(), cost_offset)
     edge_ids, rounds = boruvka_mst(cost, height, width)
-    tree = root_by_euler_tour(edge_ids, batch, height, width)
-    return tree._replace(num_rounds=rounds)
+    return RootedTree(root_by_euler_tour(edge_ids, batch, height, width), rounds)
 
 
 @torch.no_grad()
@@ -361,13 +401,13 @@ def scipy_rooted_tree(guide: Tensor, cost_offset: float = 0.0) -> tuple[RootedTr
     batch, _, height, width = guide.shape
     num_vertices, num_edges = height * width, num_grid_edges(height, width)
     keys = edge_keys(grid_edge_costs(guide.detach(), cost_offset)).cpu().numpy().reshape(batch, num_edges)
-    local_u, local_v, _ = (t.numpy() for t in edge_endpoints(torch.arange(num_edges), height, width))
+    local_u, local_v = (t.numpy() for t in grid_edge_ends(1, height, width, torch.device("cpu")))
     parent = np.arange(batch * num_vertices)
     depth = np.zeros(batch * num_vertices, dtype=np.int64)
     for b in range(batch):
-        offset = b * num_vertices
         if num_vertices == 1:
             continue
+        offset = b * num_vertices
         order = np.lexsort((np.arange(num_edges), keys[b]))
         weight = np.empty(num_edges)
         weight[order] = np.arange(1, num_edges + 1)
@@ -376,38 +416,24 @@ def scipy_rooted_tree(guide: Tensor, cost_offset: float = 0.0) -> tuple[RootedTr
         visit, pred = breadth_first_order(mst, 0, directed=False, return_predecessors=True)
         parent[offset + visit[1:]] = offset + pred[visit[1:]]
         depth[offset + visit] = _bfs_depths(visit, pred)
-    parent_t = torch.from_numpy(parent).to(guide.device)
-    vertex = torch.arange(batch * num_vertices, device=guide.device)
-    child = torch.nonzero(parent_t != vertex).squeeze(1)
-    par = parent_t[child]
-    # order the edges by global edge id, as the tensor path does
-    lo, hi = torch.minimum(child, par), torch.maximum(child, par)
-    image, local_lo = lo // num_vertices, lo % num_vertices
-    local_edge = torch.where(hi - lo == 1, local_lo - local_lo // width, height * (width - 1) + local_lo)
-    order = torch.argsort(image * num_edges + local_edge)
-    child, par = child[order], par[order]
-    edge_of_vertex = torch.full((batch * num_vertices,), child.numel(), dtype=torch.int64, device=guide.device)
-    edge_of_vertex[child] = torch.arange(child.numel(), device=guide.device)
-    return RootedTree(parent_t, child, par, edge_of_vertex, 0), depth
+    return RootedTree(torch.from_numpy(parent).to(guide.device), 0), depth
 
 
 def _bfs_depths(visit: np.ndarray, pred: np.ndarray) -> np.ndarray:
-    """Depths of the vertices in breadth-first order ``visit``, vectorised level by level.
+    """Depths of the vertices in breadth-first order ``visit`` (indexed by position).
 
-    In BFS order the depth is non-decreasing, and a level ends where the parents of the
-    vertices that follow have all been visited in the previous level.
+    In BFS order the parents' positions are non-decreasing, so each level is the run of
+    vertices whose parents lie in the previous level.
     """
-    depth = np.zeros(visit.size, dtype=np.int64)  # indexed by position in visit
+    depth = np.zeros(visit.size, dtype=np.int64)
     position = np.empty(visit.size, dtype=np.int64)
     position[visit] = np.arange(visit.size)
     parent_position = np.zeros(visit.size, dtype=np.int64)
     parent_position[1:] = position[pred[visit[1:]]]
-    start, end = 0, 1
-    level = 0
+    end, level = 1, 0
     while end < visit.size:
-        # the next level is every vertex whose parent lies in [start, end)
         nxt = end + int(np.searchsorted(parent_position[end:], end, side="left"))
         level += 1
         depth[end:nxt] = level
-        start, end = end, nxt
+        end = nxt
     return depth

@@ -136,10 +136,12 @@ def tree_edge_weights(guide: Tensor, tree: RootedTree, sigma: float) -> tuple[Te
     """
     channels = guide.shape[1]
     flat = guide.transpose(0, 1).reshape(channels, -1)
-    cost = (flat.index_select(1, tree.edge_u) - flat.index_select(1, tree.edge_v)).square().sum(0)
-    scaled = torch.cat([cost / sigma, cost.new_full((1,), float("inf"))])
-    scaled = scaled.index_select(0, tree.edge_of_vertex)
-    return scaled, -torch.expm1(-2.0 * scaled)
+    cost = (flat - flat.index_select(1, tree.parent)).square().sum(0)
+    is_root = tree.parent == torch.arange(tree.parent.numel(), device=tree.parent.device)
+    scaled = torch.where(is_root, float("inf"), cost / sigma)
+    # clamped so that exp(-2 s) stays a normal number (see flushed_exp); 1 - w^2 is 1 there
+    limit = -0.5 * math.log(torch.finfo(scaled.dtype).tiny)
+    return scaled, -torch.expm1(-2.0 * scaled.clamp(max=limit))
 
 
 def flushed_exp(scaled: Tensor) -> Tensor:
@@ -153,15 +155,15 @@ def flushed_exp(scaled: Tensor) -> Tensor:
     return torch.exp(-torch.where(scaled > limit, float("inf"), scaled))
 
 
-def doubling_tables(parent: Tensor, scaled: Tensor) -> list[tuple[Tensor, Tensor, Tensor]]:
+def doubling_tables(parent: Tensor, scaled: Tensor) -> list[tuple[Tensor | None, Tensor, Tensor]]:
     """Ancestor tables for pointer doubling.
 
-    Round ``k`` holds, for the vertices whose ``2**k``-th ancestor exists with a non-zero
-    weight product, that ancestor and the product of the weights on the way. Products are
-    kept in log form (sums of scaled costs) and flushed to 0 below ``finfo.tiny``
-    (:func:`flushed_exp`); a vertex whose product is 0 stays 0, so each round works on the
-    shrinking set of active vertices. The rounds stop when no product is left, after at
-    most ``ceil(log2(depth + 1))`` rounds.
+    Round ``k`` holds, for every vertex, its ``2**k``-th ancestor and the product of the
+    weights on the way (0 when there is no such ancestor). Products are kept in log form
+    (sums of scaled costs) and flushed to 0 below ``finfo.tiny`` (:func:`flushed_exp`). A
+    product that is 0 stays 0, so once fewer than half of the listed vertices are alive the
+    tables are compacted to those. The rounds stop when no product is left, after at most
+    ``ceil(log2(depth + 1))`` rounds.
 
     Parameters
     ----------
@@ -174,26 +176,33 @@ def doubling_tables(parent: Tensor, scaled: Tensor) -> list[tuple[Tensor, Tensor
     Returns
     -------
     list of tuple
-        ``(active, ancestor, product)`` per round, each ``(M_k,)``; ``product`` is
-        differentiable with respect to ``scaled``.
+        ``(vertices, ancestor, product)`` per round: ``vertices`` is ``None`` (all vertices,
+        in order) or the ``(M_k,)`` int64 ids listed; ``ancestor`` and ``product`` are
+        ``(M_k,)``; ``product`` is differentiable with respect to ``scaled``.
     """
     limit = -math.log(torch.finfo(scaled.dtype).tiny)
-    tables = []
-    active = torch.nonzero(scaled.detach() <= limit).squeeze(1)
-    full_ancestor, full_scaled = parent, scaled
-    ancestor, path = parent.index_select(0, active), scaled.index_select(0, active)
-    while active.numel() > 0:
-        tables.append((active, ancestor, torch.exp(-path)))
+    total = parent.numel()
+    tables: list[tuple[Tensor | None, Tensor, Tensor]] = []
+    vertices: Tensor | None = None
+    ancestor, path = parent, scaled
+    while True:
+        alive = path.detach() <= limit
+        count = int(alive.sum())
+        if count == 0:
+            return tables
+        if count <= path.numel() // 2:
+            keep = torch.nonzero(alive).squeeze(1)
+            vertices = keep if vertices is None else vertices.index_select(0, keep)
+            ancestor, path = ancestor.index_select(0, keep), path.index_select(0, keep)
+        tables.append((vertices, ancestor, flushed_exp(path)))
+        if vertices is None:
+            full_path, full_ancestor = path, ancestor
+        else:  # vertices not listed are dead: infinite path
+            full_path = scaled.new_full((total,), float("inf")).index_copy(0, vertices, path)
+            full_ancestor = parent.index_copy(0, vertices, ancestor)
         # path to the 2**(k+1)-th ancestor = path to the 2**k-th + that one's own path
-        path = path + full_scaled.index_select(0, ancestor)
+        path = path + full_path.index_select(0, ancestor)
         ancestor = full_ancestor.index_select(0, ancestor)
-        keep = torch.nonzero(path.detach() <= limit).squeeze(1)
-        active, ancestor, path = active[keep], ancestor[keep], path[keep]
-        if active.numel() == 0:
-            break
-        full_scaled = scaled.new_full(scaled.shape, float("inf")).index_copy(0, active, path)
-        full_ancestor = parent.index_copy(0, active, ancestor)
-    return tables
 
 
 def filter_on_tree(
@@ -245,11 +254,13 @@ def _passes_doubling(values: Tensor, parent: Tensor, scaled: Tensor, keep: Tenso
     """Upward and downward passes by pointer doubling; ``values`` is ``(K, V)``."""
     tables = doubling_tables(parent, scaled)
     up = values
-    for active, ancestor, product in tables:
-        up = up.index_add(1, ancestor, up.index_select(1, active) * product)
+    for vertices, ancestor, product in tables:
+        source = up if vertices is None else up.index_select(1, vertices)
+        up = up.index_add(1, ancestor, source * product)
     down = up * keep
-    for active, ancestor, product in tables:
-        down = down.index_add(1, active, down.index_select(1, ancestor) * product)
+    for vertices, ancestor, product in tables:
+        gathered = down.index_select(1, ancestor) * product
+        down = down + gathered if vertices is None else down.index_add(1, vertices, gathered)
     return down
 
 
