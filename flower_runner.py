@@ -55,6 +55,12 @@ def add_deploy_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument("--poll-interval", type=float, default=0.1,
                    help="deployment: seconds between Flower's internal polls (0: Flower's "
                         "stock 3 s / 1 s intervals)")
+    p.add_argument("--clientapp-exec", choices=("persistent", "subprocess"), default="persistent",
+                   help="deployment: one long-lived ClientApp executor per SuperNode "
+                        "(persistent) or Flower's default new process per message (subprocess)")
+    p.add_argument("--no-pack", dest="pack_arrays", action="store_false",
+                   help="deployment: send every array as its own Flower object (Flower's "
+                        "default) instead of one packed array per message")
     p.add_argument("--stop-timeout", type=float, default=10.0,
                    help="deployment: seconds a child gets after SIGTERM before SIGKILL")
 
@@ -172,6 +178,7 @@ def deploy_options(args: argparse.Namespace, **extra):
     from deployment.launch import DeployOptions
 
     return DeployOptions(poll_interval=args.poll_interval, stop_timeout=args.stop_timeout,
+                         clientapp_exec=args.clientapp_exec, pack_arrays=args.pack_arrays,
                          root_certificates=getattr(args, "root_certificates", ""), **extra)
 
 

@@ -17,11 +17,11 @@ from typing import Dict, List, Optional
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 
 from configs import load_config
 from dataloaders.dataset import SiteDataset
 from dataloaders.tasks import get_task
+from clients.evaluation import predict
 from clients.metrics import METRIC_NAMES, binary_metrics
 from networks.checkpoint import load_checkpoint
 from networks.factory import build_for_run
@@ -77,29 +77,20 @@ def test_client(cfg, cid: int, root: str, checkpoint: str, out: Path, device: to
     state = load_checkpoint(path, map_location=device)
     model = build_for_run(cfg, site=cid).to(device)
     model.load_state_dict(state["model"])
-    model.eval()
     data = SiteDataset(root, task, cid, "test", val_fraction=cfg.val_fraction, seed=cfg.seed)
     rows: List[Dict[str, object]] = []
-    with torch.no_grad():
-        for i in range(len(data)):
-            sample = data.sample(i)
-            image = sample["image"][None].to(device)
-            size = tuple(image.shape[-2:])
-            if cfg.img_size and size != (cfg.img_size, cfg.img_size):
-                resized = F.interpolate(image, size=(cfg.img_size,) * 2, mode="bilinear", align_corners=False)
-                logits = F.interpolate(model(resized, site=cid).logits, size=size, mode="bilinear",
-                                       align_corners=False)
-            else:
-                logits = model(image, site=cid).logits
-            pred = logits.argmax(1)[0].cpu().numpy()
-            truth = sample["label"].numpy()
-            for target in task.eval_targets:
-                row: Dict[str, object] = {"client": cid, "case": sample["case"], "target": target.name}
-                row.update(binary_metrics(np.isin(pred, target.labels), np.isin(truth, target.labels)))
-                rows.append(row)
-            if images:
-                save_outputs(out / f"client{cid}", sample["case"], sample["image"].numpy(), pred,
-                             task.num_classes)
+    for i in range(len(data)):
+        sample = data.sample(i)
+        image = sample["image"][None].to(device)
+        pred = predict(model, image, cid, cfg.img_size)[0].cpu().numpy()
+        truth = sample["label"].numpy()
+        for target in task.eval_targets:
+            row: Dict[str, object] = {"client": cid, "case": sample["case"], "target": target.name}
+            row.update(binary_metrics(np.isin(pred, target.labels), np.isin(truth, target.labels)))
+            rows.append(row)
+        if images:
+            save_outputs(out / f"client{cid}", sample["case"], sample["image"].numpy(), pred,
+                         task.num_classes)
     return rows
 
 

@@ -32,8 +32,13 @@ REPO = Path(__file__).resolve().parents[1]
 #: name -> extra flower_runner flags
 ARRANGEMENTS = {
     "simulation": ["--mode", "simulation"],
-    "deployment": ["--mode", "deployment", "--poll-interval", "0.1"],
-    "deployment-stock-polls": ["--mode", "deployment", "--poll-interval", "0"],
+    # the default: persistent ClientApp executor, packed arrays, 0.1 s polls
+    "deployment": ["--mode", "deployment"],
+    # Flower's per-message flwr-clientapp process, otherwise as the default
+    "deployment-subprocess": ["--mode", "deployment", "--clientapp-exec", "subprocess"],
+    # Flower's own behaviour throughout (only the bridge and the persistent worker remain)
+    "deployment-flower-defaults": ["--mode", "deployment", "--clientapp-exec", "subprocess",
+                                   "--poll-interval", "0", "--no-pack"],
 }
 
 

@@ -231,13 +231,13 @@ class SiteTrainer:
 
     def evaluate(self) -> Dict[str, float]:
         """Validation Dice of the current personalised model."""
-        score, per_target = validate(self.model, self.val_set, self.cid, self.device)
+        score, per_target = validate(self.model, self.val_set, self.cid, self.device, img_size=self.cfg.img_size)
         metrics = {"val_dice": score, "num-examples": float(len(self.val_set)), "cid": float(self.cid)}
         metrics.update({f"val_dice_{k}": v for k, v in per_target.items()})
         return metrics
 
     def validate_and_checkpoint(self, server_round: int, log_images: bool) -> Dict[str, float]:
-        score, per_target = validate(self.model, self.val_set, self.cid, self.device)
+        score, per_target = validate(self.model, self.val_set, self.cid, self.device, img_size=self.cfg.img_size)
         self.writer.add_scalar("val/dice", score, server_round)
         for name, value in per_target.items():
             self.writer.add_scalar(f"val/dice_{name}", value, server_round)
@@ -257,7 +257,7 @@ class SiteTrainer:
         if not samples:
             return
         image = torch.stack([s["image"] for s in samples]).to(self.device)
-        pred = predict(self.model, image, self.cid).float().cpu() / max(self.task.num_classes - 1, 1)
+        pred = predict(self.model, image, self.cid, self.cfg.img_size).float().cpu() / max(self.task.num_classes - 1, 1)
         truth = torch.stack([s.get("mask", s["label"]) for s in samples]).float()
         truth = truth.clamp(max=self.task.num_classes - 1) / max(self.task.num_classes - 1, 1)
         grey = image.cpu().mean(dim=1)

@@ -89,6 +89,13 @@ class DeployOptions:
         ``flower-superlink --enable-supernode-auth``.
     auth_private_key : str
         ``flower-supernode --auth-supernode-private-key`` (node authentication).
+    clientapp_exec : str
+        ``"persistent"``: SuperNodes run ``--isolation process`` and a long-lived
+        :mod:`deployment.appexec` per node runs every ClientApp task in one process;
+        ``"subprocess"``: Flower's default, a new ``flwr-clientapp`` process per message.
+    pack_arrays : bool
+        Send each message's arrays as one packed array (:mod:`deployment.packing`); False
+        keeps Flower's one object per array.
     start_timeout, worker_timeout, stop_timeout : float
         Seconds to wait for the Flower services, for a worker to load its data and model, and
         for a child to exit after SIGTERM before SIGKILL.
@@ -102,6 +109,8 @@ class DeployOptions:
     root_certificates: str = ""
     enable_supernode_auth: bool = False
     auth_private_key: str = ""
+    clientapp_exec: str = "persistent"
+    pack_arrays: bool = True
     start_timeout: float = 120.0
     worker_timeout: float = 600.0
     stop_timeout: float = 10.0
@@ -208,6 +217,13 @@ class Site:
     worker_address: str
     secret_file: Path
     gpu: Optional[int]
+    env: Dict[str, str]
+    exec_secret: Optional[Path] = None
+    appexec: Optional[str] = None
+
+    @property
+    def names(self) -> List[str]:
+        return [n for n in (self.worker, self.supernode, self.appexec) if n]
 
 
 def start_worker(group: ProcessGroup, cid: int, snapshot: Path, address: str, secret_file: Path,
@@ -242,19 +258,36 @@ def wait_worker(group: ProcessGroup, name: str, cid: int, address: str, secret_f
 
 def start_supernode(group: ProcessGroup, cid: int, superlink: str, node_port: int,
                     worker_address: str, secret_file: Path, env: Dict[str, str],
-                    opts: DeployOptions) -> str:
-    """Start the SuperNode of client ``cid`` (its ClientApp bridges to the worker)."""
+                    opts: DeployOptions, exec_secret: Optional[Path] = None) -> str:
+    """Start the SuperNode of client ``cid`` (its ClientApp bridges to the worker).
+
+    With ``exec_secret`` the node runs ``--isolation process`` and only an executor holding
+    that secret may take its tasks (see :func:`start_appexec`).
+    """
     name = f"supernode{cid}"
     node_config = (f"cid={cid} worker-address={_toml_string(worker_address)} "
                    f"worker-secret-file={_toml_string(str(secret_file))}")
     argv = [sys.executable, "-m", "deployment.supernode", "--superlink", superlink,
             "--port", str(node_port), "--node-config", node_config]
+    if exec_secret is not None:
+        argv += ["--isolation", "process", "--superexec-auth-secret-file", str(exec_secret)]
     if opts.root_certificates:
         argv += ["--root-certificates", opts.root_certificates]
     else:
         argv.append("--insecure")
     if opts.auth_private_key:
         argv += ["--auth-supernode-private-key", opts.auth_private_key]
+    group.start(name, argv, env=env, cwd=REPO)
+    return name
+
+
+def start_appexec(group: ProcessGroup, cid: int, node_port: int, exec_secret: Path,
+                  env: Dict[str, str], opts: DeployOptions) -> str:
+    """Start the long-lived ClientApp executor of SuperNode ``cid`` (:mod:`deployment.appexec`)."""
+    name = f"appexec{cid}"
+    argv = [sys.executable, "-m", "deployment.appexec", "--runtime-api-address",
+            f"127.0.0.1:{node_port}", "--insecure", "--superexec-auth-secret-file",
+            str(exec_secret), "--poll-interval", str(opts.poll_interval or 1.0)]
     group.start(name, argv, env=env, cwd=REPO)
     return name
 
@@ -273,16 +306,27 @@ def start_site(group: ProcessGroup, cid: int, snapshot: Path, superlink: str, ou
     worker = start_worker(group, cid, snapshot, address, secret_file,
                           child_env(flwr_home, opts, gpu, pin_device=True, threads=threads),
                           overrides)
-    node = start_supernode(group, cid, superlink, plan.node(cid), address, secret_file,
-                           child_env(flwr_home, opts, gpu, pin_device=True), opts)
-    site = Site(cid, worker, node, address, secret_file, gpu)
+    exec_secret = None
+    if opts.clientapp_exec == "persistent":
+        exec_secret = write_secret(out_dir / "secrets" / f"superexec{cid}.key")
+    elif opts.clientapp_exec != "subprocess":
+        raise ValueError(f"clientapp_exec must be persistent or subprocess, got "
+                         f"{opts.clientapp_exec!r}")
+    env = child_env(flwr_home, opts, gpu, pin_device=True)
+    node = start_supernode(group, cid, superlink, plan.node(cid), address, secret_file, env,
+                           opts, exec_secret)
+    site = Site(cid, worker, node, address, secret_file, gpu, env, exec_secret)
     if wait:
         wait_site(group, site, plan, opts)
     return site
 
 
 def wait_site(group: ProcessGroup, site: Site, plan: PortPlan, opts: DeployOptions) -> None:
+    """Wait for the SuperNode's port, start its executor (if persistent), ping the worker."""
     group.wait_port(site.supernode, "127.0.0.1", plan.node(site.cid), opts.start_timeout)
+    if site.exec_secret is not None:
+        site.appexec = start_appexec(group, site.cid, plan.node(site.cid), site.exec_secret,
+                                     site.env, opts)
     wait_worker(group, site.worker, site.cid, site.worker_address, site.secret_file,
                 opts.worker_timeout)
     log.info("client %d ready: SuperNode on port %d, worker on %s, %s", site.cid,
@@ -297,8 +341,9 @@ def submit_run(group: ProcessGroup, snapshot: Path, flwr_home: Path, opts: Deplo
     While the log streams, the children named in ``watch`` must stay alive; if one dies the
     run is stopped and :class:`ChildFailed` raised.
     """
+    grid_poll = opts.poll_interval / 2 if opts.poll_interval > 0 else 3.0
     run_config = (f"config-file={_toml_string(str(snapshot.resolve()))} "
-                  f"grid-poll-interval={opts.poll_interval / 2 if opts.poll_interval > 0 else 3.0}")
+                  f"grid-poll-interval={grid_poll} pack-arrays={str(opts.pack_arrays).lower()}")
     argv = [flower_command("flwr"), "run", str(REPO), CONNECTION, "--stream",
             "--run-config", run_config]
     log.info("submitting: FLWR_HOME=%s %s", flwr_home,
@@ -412,7 +457,7 @@ def run_deployment(cfg, options: Optional[DeployOptions] = None) -> int:
             for site in sites:
                 wait_site(group, site, plan, opts)
             log.info("federation up in %.1f s", time.perf_counter() - started)
-            watch = ["superlink"] + [n for s in sites for n in (s.worker, s.supernode)]
+            watch = ["superlink"] + [n for s in sites for n in s.names]
             return submit_run(group, snapshot, flwr_home, opts, watch=watch)
     except Interrupted as err:
         return _interrupted(err)

@@ -25,7 +25,7 @@ def split_arrays(arrays: Mapping[str, np.ndarray]) -> Tuple[List[list], bytes]:
     """``{name: array}`` -> (index ``[name, dtype, shape, offset, nbytes]`` list, raw bytes)."""
     index, chunks, offset = [], [], 0
     for name, value in arrays.items():
-        array = np.ascontiguousarray(value)
+        array = np.asarray(value)  # tobytes() writes C order; keeps 0-d arrays 0-d
         if array.dtype.hasobject:
             raise TypeError(f"array {name!r} has dtype object; only numeric arrays are packed")
         index.append([str(name), array.dtype.str, list(array.shape), offset, array.nbytes])

@@ -5,7 +5,9 @@ both invisible to the strategy:
 
 - it packs each outgoing message's arrays into one array and unpacks the replies
   (:mod:`deployment.packing`; Flower moves every array as its own HTTP object otherwise);
-- it polls for replies every ``grid-poll-interval`` seconds (run config) instead of every 3 s.
+- it polls for replies every ``grid-poll-interval`` seconds (run config) instead of every 3 s,
+  and retries an object that is not uploaded yet after half that interval rather than 1 s
+  (:func:`deployment.tuning.shorten_pull_backoff`).
 
 It uses only the public Grid methods of the wrapped grid. Everything else is
 :data:`strategies.server_app.app`: it reads ``config-file`` from the run config and runs all
@@ -22,8 +24,10 @@ from flwr.serverapp import Grid, ServerApp
 from strategies.server_app import app as project_app
 
 from .packing import pack_content, unpack_content
+from .tuning import shorten_pull_backoff
 
 POLL_KEY = "grid-poll-interval"
+PACK_KEY = "pack-arrays"
 #: Used when the run config does not set ``grid-poll-interval`` (Flower's own value is 3 s).
 DEFAULT_POLL = 0.05
 
@@ -39,11 +43,15 @@ class DeploymentGrid(Grid):
         The grid Flower handed to the ServerApp.
     interval : float
         Seconds between two pulls for replies in :meth:`send_and_receive`.
+    pack : bool
+        Pack outgoing arrays (replies are unpacked whenever they come packed).
     """
 
-    def __init__(self, grid: Grid, interval: float = DEFAULT_POLL) -> None:
+    def __init__(self, grid: Grid, interval: float = DEFAULT_POLL, pack: bool = True) -> None:
         self.grid = grid
         self.interval = interval
+        self.pack = pack
+        shorten_pull_backoff(min(interval / 2, 1.0))
 
     def set_run(self, run) -> None:
         self.grid.set_run(run)
@@ -65,7 +73,7 @@ class DeploymentGrid(Grid):
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         outgoing = []
         for msg in messages:
-            if msg.has_content():
+            if self.pack and msg.has_content():
                 msg.content = pack_content(msg.content)
             outgoing.append(msg)
         return self.grid.push_messages(outgoing)
@@ -94,4 +102,5 @@ class DeploymentGrid(Grid):
 @app.main()
 def main(grid: Grid, context: Context) -> None:
     interval = float(context.run_config.get(POLL_KEY, 0.0) or 0.0)
-    project_app(DeploymentGrid(grid, interval if interval > 0 else DEFAULT_POLL), context)
+    pack = bool(context.run_config.get(PACK_KEY, True))
+    project_app(DeploymentGrid(grid, interval if interval > 0 else DEFAULT_POLL, pack), context)

@@ -22,6 +22,7 @@ Two constructions give the same tree (ties are broken by edge id in both):
 
 from __future__ import annotations
 
+import functools
 from typing import NamedTuple
 
 import numpy as np
@@ -36,6 +37,7 @@ __all__ = [
     "grid_edge_ends",
     "edge_keys",
     "boruvka_mst",
+    "list_rank",
     "root_by_euler_tour",
     "rooted_mst",
     "scipy_rooted_tree",
@@ -45,6 +47,7 @@ __all__ = [
 _ID_BITS = 31
 _ID_MASK = (1 << _ID_BITS) - 1
 _INT64_MAX = torch.iinfo(torch.int64).max
+_STEP_BITS = 20  # list_rank: bits for an element's offset behind its ruler
 
 
 class RootedTree(NamedTuple):
@@ -163,7 +166,9 @@ def edge_keys(cost: Tensor) -> Tensor:
 
 
 @torch.no_grad()
-def boruvka_mst(cost: Tensor, height: int, width: int) -> tuple[Tensor, int]:
+def boruvka_mst(
+    cost: Tensor, height: int, width: int, ends: tuple[Tensor, Tensor] | None = None
+) -> tuple[Tensor, int]:
     """Minimum spanning forest of a batch of grids by Boruvka's algorithm with tensor ops.
 
     Each round, every component picks its cheapest outgoing edge (``scatter_reduce`` amin over
@@ -171,7 +176,9 @@ def boruvka_mst(cost: Tensor, height: int, width: int) -> tuple[Tensor, int]:
     pair can form), hooks onto the component at the other end, the mutual pairs are broken by
     component id, and labels are shortcut by pointer jumping. Intra-component edges are then
     dropped. At least half of the components disappear every round: O(log N) rounds. The
-    first round, where components are pixels, is a dense minimum over the 4 neighbours.
+    first round, where components are pixels, is a dense minimum over the 4 neighbours;
+    after it, the heaviest edge of every unit square is dropped as well (cycle property),
+    which removes most parallel edges between components.
 
     Parameters
     ----------
@@ -179,6 +186,8 @@ def boruvka_mst(cost: Tensor, height: int, width: int) -> tuple[Tensor, int]:
         ``(B, E)`` edge costs (float32 or float64) in grid edge order.
     height, width : int
         Grid size, ``E == num_grid_edges(height, width)``.
+    ends : tuple of Tensor, optional
+        ``grid_edge_ends(B, height, width, device)``, if already computed.
 
     Returns
     -------
@@ -193,14 +202,21 @@ def boruvka_mst(cost: Tensor, height: int, width: int) -> tuple[Tensor, int]:
     if num_edges == 0:
         return torch.zeros(0, dtype=torch.int64, device=device), 0
     key_high = edge_keys(cost)
-    end_u, end_v = grid_edge_ends(batch, height, width, device)
-    parent, chosen = _first_round(key_high, end_u, end_v, batch, height, width)
+    if ends is None:
+        ends = grid_edge_ends(batch, height, width, device)
+    end_u, end_v = ends
+    key = (key_high | torch.arange(key_high.numel(), device=device)).view(batch, -1)
+    parent, chosen = _first_round(key, end_u, end_v, batch, height, width)
     chosen_all = [chosen]
     rounds = 1
     relabel, num_comp = _contract(parent)
-    ends = relabel.index_select(0, torch.cat([end_u, end_v])).view(2, -1)
+    # edges left: between components and not the heaviest edge of a unit square
+    candidate = torch.nonzero(_square_light_edges(key, height, width).reshape(-1)).squeeze(1)
+    ends = relabel.index_select(0, torch.cat([end_u.index_select(0, candidate), end_v.index_select(0, candidate)]))
+    ends = ends.view(2, -1)
     inter = torch.nonzero(ends[0] != ends[1]).squeeze(1)
-    ends, key_high, edge_id = ends.index_select(1, inter), key_high.index_select(0, inter), inter
+    edge_id = candidate.index_select(0, inter)
+    ends, key_high = ends.index_select(1, inter), key_high.index_select(0, edge_id)
     while edge_id.numel() > 0:
         rounds += 1
         # the position in the id-ordered edge list breaks cost ties by edge id
@@ -225,29 +241,49 @@ def boruvka_mst(cost: Tensor, height: int, width: int) -> tuple[Tensor, int]:
 
 
 def _first_round(
-    key_high: Tensor, end_u: Tensor, end_v: Tensor, batch: int, height: int, width: int
+    key: Tensor, end_u: Tensor, end_v: Tensor, batch: int, height: int, width: int
 ) -> tuple[Tensor, Tensor]:
     """Boruvka round on single-pixel components: each pixel's cheapest incident edge.
 
-    Returns the hook pointers ``(B*N,)`` and the ids of the edges chosen.
+    ``key`` is ``(B, E)``, unique per edge. Returns the hook pointers ``(B*N,)`` and the ids
+    of the edges chosen.
     """
     num_h = height * (width - 1)
-    key = (key_high | torch.arange(key_high.numel(), device=key_high.device)).view(batch, -1)
     key_h = key[:, :num_h].view(batch, height, width - 1)
     key_v = key[:, num_h:].view(batch, height - 1, width)
-    candidates = torch.full((4, batch, height, width), _INT64_MAX, dtype=torch.int64, device=key.device)
-    candidates[0, :, :, :-1] = key_h  # edge to the right
-    candidates[1, :, :, 1:] = key_h  # edge to the left
-    candidates[2, :, :-1, :] = key_v  # edge below
-    candidates[3, :, 1:, :] = key_v  # edge above
-    # elementwise minimum: much faster than an int64 reduction over the leading dimension
-    best = torch.minimum(torch.minimum(candidates[0], candidates[1]), torch.minimum(candidates[2], candidates[3]))
+    best = torch.full((batch, height, width), _INT64_MAX, dtype=torch.int64, device=key.device)
+    best[:, :, :-1] = key_h  # edge to the right
+    best[:, :, 1:] = torch.minimum(best[:, :, 1:], key_h)  # edge to the left
+    best[:, :-1, :] = torch.minimum(best[:, :-1, :], key_v)  # edge below
+    best[:, 1:, :] = torch.minimum(best[:, 1:, :], key_v)  # edge above
     best = best.reshape(-1)
     edge = best & _ID_MASK
     ids = torch.arange(best.numel(), device=best.device)
     parent = end_u.index_select(0, edge) + end_v.index_select(0, edge) - ids
     parent, hooked = _break_mutual_pairs(parent, ids)
     return parent, edge.index_select(0, hooked)
+
+
+def _square_light_edges(key: Tensor, height: int, width: int) -> Tensor:
+    """``(B, E)`` bool: False for the edges that are the heaviest of a unit square.
+
+    By the cycle property such an edge (keys are unique) is in no minimum spanning tree.
+    """
+    batch = key.shape[0]
+    num_h = height * (width - 1)
+    key_h = key[:, :num_h].view(batch, height, width - 1)
+    key_v = key[:, num_h:].view(batch, height - 1, width)
+    light = torch.ones_like(key, dtype=torch.bool)
+    if height < 2 or width < 2:
+        return light
+    square = torch.maximum(torch.maximum(key_h[:, :-1], key_h[:, 1:]), torch.maximum(key_v[:, :, :-1], key_v[:, :, 1:]))
+    heavy_h = torch.zeros(batch, height, width - 1, dtype=torch.bool, device=key.device)
+    heavy_h[:, :-1] |= key_h[:, :-1] == square  # top edge of the square below
+    heavy_h[:, 1:] |= key_h[:, 1:] == square  # bottom edge of the square above
+    heavy_v = torch.zeros(batch, height - 1, width, dtype=torch.bool, device=key.device)
+    heavy_v[:, :, :-1] |= key_v[:, :, :-1] == square  # left edge of the square on the right
+    heavy_v[:, :, 1:] |= key_v[:, :, 1:] == square  # right edge of the square on the left
+    return ~torch.cat([heavy_h.reshape(batch, -1), heavy_v.reshape(batch, -1)], 1)
 
 
 def _break_mutual_pairs(parent: Tensor, ids: Tensor) -> tuple[Tensor, Tensor]:
@@ -272,6 +308,7 @@ def _contract(parent: Tensor) -> tuple[Tensor, int]:
     return new_label.index_select(0, parent), int(new_label[-1]) + 1
 
 
+@functools.lru_cache(maxsize=None)
 def _next_direction_table(device: torch.device) -> Tensor:
     """``(64,)`` table: entry ``mask*4 + d`` is the first direction after ``d``
     (cyclically: d+1, d+2, d+3, d) whose bit is set in the 4-bit ``mask``; 0 for mask 0."""
@@ -286,14 +323,16 @@ def _next_direction_table(device: torch.device) -> Tensor:
 
 
 @torch.no_grad()
-def root_by_euler_tour(edge_ids: Tensor, batch: int, height: int, width: int) -> Tensor:
+def root_by_euler_tour(
+    edge_ids: Tensor, batch: int, height: int, width: int, ends: tuple[Tensor, Tensor] | None = None
+) -> Tensor:
     """Orient a spanning forest of grids towards pixel (0, 0) of each image.
 
     The Euler tour of a tree visits every edge twice, once in each direction; the direction
     taken first (from the root) points from parent to child. The tour's successor of the
     arc ``u -> v`` is the arc leaving ``v`` right after ``v -> u`` in ``v``'s cyclic list of
-    directions (0 right, 1 down, 2 left, 3 up); the tours are cut at each root and ranked by
-    pointer jumping (Wyllie's list ranking): ceil(log2(2N - 3)) rounds of gathers.
+    directions (0 right, 1 down, 2 left, 3 up); the tours are cut at each root and ranked
+    with :func:`list_rank`.
 
     Parameters
     ----------
@@ -301,6 +340,8 @@ def root_by_euler_tour(edge_ids: Tensor, batch: int, height: int, width: int) ->
         ``(B*(N-1),)`` int64 global ids of the tree edges, any order.
     batch, height, width : int
         Batch size and grid size.
+    ends : tuple of Tensor, optional
+        ``grid_edge_ends(batch, height, width, device)``, if already computed.
 
     Returns
     -------
@@ -314,7 +355,10 @@ def root_by_euler_tour(edge_ids: Tensor, batch: int, height: int, width: int) ->
     num_tree = edge_ids.numel()
     if num_tree == 0:
         return vertex
-    end_u, end_v = grid_edge_ends(batch, height, width, device)
+    end_u, end_v = grid_edge_ends(batch, height, width, device) if ends is None else ends
+    # sorted edge ids keep neighbouring arcs of the tour close in memory (a bucket sort)
+    in_tree = torch.zeros(end_u.numel(), dtype=torch.bool, device=device).index_fill_(0, edge_ids, True)
+    edge_ids = torch.nonzero(in_tree).squeeze(1)
     u, v = end_u.index_select(0, edge_ids), end_v.index_select(0, edge_ids)
     direction = (v - u == width).long()  # 0: v right of u, 1: v below u
 
@@ -325,8 +369,8 @@ def root_by_euler_tour(edge_ids: Tensor, batch: int, height: int, width: int) ->
     arc = torch.arange(num_arcs, device=device)
     src_slot = src * 4 + arc_dir
     slot = torch.zeros(4 * total, dtype=torch.int64, device=device).index_copy_(0, src_slot, arc)
-    # each (vertex, direction) appears once, so the sum of the bits is their OR
-    mask = torch.zeros(total, dtype=torch.int64, device=device).index_add_(0, src, 1 << arc_dir)
+    present = torch.zeros(4 * total, dtype=torch.int64, device=device).index_fill_(0, src_slot, 1).view(total, 4)
+    mask = present[:, 0] | (present[:, 1] << 1) | (present[:, 2] << 2) | (present[:, 3] << 3)
     table = _next_direction_table(device)
     next_dir = table.index_select(0, mask.index_select(0, dst) * 4 + ((arc_dir + 2) & 3))
     successor = slot.index_select(0, dst * 4 + next_dir)
@@ -337,17 +381,78 @@ def root_by_euler_tour(edge_ids: Tensor, batch: int, height: int, width: int) ->
     is_first = torch.zeros(num_arcs, dtype=torch.bool, device=device)
     is_first[first_arc] = True
     is_last = is_first.index_select(0, successor)
-    index_dtype = torch.int32 if num_arcs < 2**31 else torch.int64
-    successor = torch.where(is_last, arc, successor).to(index_dtype)
-    remaining = (~is_last).to(index_dtype)  # arcs still to walk to the end of the tour
-    length = 1
-    while length < 2 * num_vertices - 3:  # the longest distance to a tour's end
-        remaining = remaining + remaining.index_select(0, successor)
-        successor = successor.index_select(0, successor)
-        length *= 2
+    successor = torch.where(is_last, arc, successor)
+    remaining = list_rank(successor, first_arc)
     down = remaining[:num_tree] > remaining[num_tree:]  # u -> v comes first: u is the parent
     child = torch.where(down, v, u)
     return vertex.index_copy(0, child, torch.where(down, u, v))
+
+
+@torch.no_grad()
+def list_rank(successor: Tensor, heads: Tensor, spacing_bits: int = 3) -> Tensor:
+    """Distance of every element of a set of linked lists to the end of its list.
+
+    Work-efficient pointer jumping: about one element in ``2**spacing_bits`` (chosen by a
+    multiplicative hash of its index, so the choice is deterministic but unrelated to the
+    list order), plus every head and tail, becomes a ruler. All rulers walk forward in
+    lockstep to the next ruler, labelling the elements they pass; the walks take as many
+    steps as the longest gap, about ``2**spacing_bits * ln(L)``. Then Wyllie's pointer
+    jumping ranks the ruler lists (``L / 2**spacing_bits`` elements, ``log2`` rounds), and
+    every element gets its ruler's rank minus its offset. Plain pointer jumping on all
+    ``L`` elements does ``log2(L)`` times more work.
+
+    Parameters
+    ----------
+    successor : Tensor
+        ``(L,)`` int64 next element; a list's tail points to itself.
+    heads : Tensor
+        ``(M,)`` int64 first element of every list.
+    spacing_bits : int
+        log2 of the mean ruler spacing.
+
+    Returns
+    -------
+    Tensor
+        ``(L,)`` int64 number of steps from each element to its list's tail.
+    """
+    length = successor.numel()
+    device = successor.device
+    element = torch.arange(length, device=device)
+    is_tail = successor == element
+    is_ruler = (((element * 2654435761) & 0xFFFFFFFF) >> (32 - spacing_bits)) == 0
+    is_ruler |= is_tail
+    is_ruler[heads] = True
+    rulers = torch.nonzero(is_ruler).squeeze(1)
+    num_rulers = rulers.numel()
+    ruler_ids = torch.arange(num_rulers, device=device)
+    ruler_id = torch.zeros(length, dtype=torch.int64, device=device).index_copy_(0, rulers, ruler_ids)
+    # label = (owner ruler << 20) | steps behind it; rulers own themselves at offset 0
+    label = ruler_id << _STEP_BITS
+    walker = torch.nonzero(~is_tail.index_select(0, rulers)).squeeze(1)
+    current = successor.index_select(0, rulers.index_select(0, walker))
+    step = 1
+    while walker.numel() > 0:
+        if step >= 1 << _STEP_BITS:
+            raise RuntimeError("list_rank: gap between rulers too long")
+        going = torch.nonzero(~is_ruler.index_select(0, current)).squeeze(1)
+        walker, current = walker.index_select(0, going), current.index_select(0, going)
+        label.index_copy_(0, current, (walker << _STEP_BITS) | step)
+        current = successor.index_select(0, current)
+        step += 1
+    owner, offset = label >> _STEP_BITS, label & ((1 << _STEP_BITS) - 1)
+    # each element followed by a ruler links its owner to that ruler
+    before = torch.nonzero(is_ruler.index_select(0, successor) & ~is_tail).squeeze(1)
+    after = successor.index_select(0, before)
+    linked = owner.index_select(0, before)
+    next_ruler = ruler_ids.index_copy(0, linked, ruler_id.index_select(0, after))
+    gap = torch.zeros_like(ruler_ids).index_copy_(0, linked, offset.index_select(0, before) + 1)
+    while True:  # Wyllie's pointer jumping on the ruler lists
+        gap = gap + gap.index_select(0, next_ruler)
+        jumped = next_ruler.index_select(0, next_ruler)
+        if torch.equal(jumped, next_ruler):
+            break
+        next_ruler = jumped
+    return gap.index_select(0, owner) - offset
 
 
 @torch.no_grad()
@@ -370,8 +475,9 @@ def rooted_mst(guide: Tensor, cost_offset: float = 0.0) -> RootedTree:
     """
     batch, _, height, width = guide.shape
     cost = grid_edge_costs(guide.detach(), cost_offset)
-    edge_ids, rounds = boruvka_mst(cost, height, width)
-    return RootedTree(root_by_euler_tour(edge_ids, batch, height, width), rounds)
+    ends = grid_edge_ends(batch, height, width, guide.device)
+    edge_ids, rounds = boruvka_mst(cost, height, width, ends)
+    return RootedTree(root_by_euler_tour(edge_ids, batch, height, width, ends), rounds)
 
 
 @torch.no_grad()

@@ -34,6 +34,7 @@ import math
 import numpy as np
 import torch
 from torch import Tensor
+from torch.autograd.function import once_differentiable
 
 from losses.mst import RootedTree, rooted_mst, scipy_rooted_tree
 
@@ -139,9 +140,7 @@ def tree_edge_weights(guide: Tensor, tree: RootedTree, sigma: float) -> tuple[Te
     cost = (flat - flat.index_select(1, tree.parent)).square().sum(0)
     is_root = tree.parent == torch.arange(tree.parent.numel(), device=tree.parent.device)
     scaled = torch.where(is_root, float("inf"), cost / sigma)
-    # clamped so that exp(-2 s) stays a normal number (see flushed_exp); 1 - w^2 is 1 there
-    limit = -0.5 * math.log(torch.finfo(scaled.dtype).tiny)
-    return scaled, -torch.expm1(-2.0 * scaled.clamp(max=limit))
+    return scaled, _one_minus_square(scaled)
 
 
 def flushed_exp(scaled: Tensor) -> Tensor:
@@ -217,8 +216,9 @@ def filter_on_tree(
     With ``A`` the operator that sends each vertex's value to its parent times ``w_v``, the
     upward pass is ``U = (I - A)^{-1} x = (I + A)(I + A^2)(I + A^4)... x`` and the downward
     pass ``D = (I - A^T)^{-1} ((1 - w^2) U)``, each factor one round of
-    ``index_add`` / ``index_select`` over the tables of :func:`doubling_tables`. Without
-    ``depth`` that is the default; with it, the passes walk the tree level by level.
+    ``index_add`` / ``index_select`` over the tables of :func:`doubling_tables`; the
+    backward pass is analytic (see ``_DoublingTreeFilter``). Without ``depth`` that is the
+    default; with it, the passes walk the tree level by level under autograd.
 
     Parameters
     ----------
@@ -241,27 +241,94 @@ def filter_on_tree(
     batch, channels, height, width = x.shape
     scaled, keep = tree_edge_weights(guide, tree, sigma)
     values = x.transpose(0, 1).reshape(channels, -1)
-    values = torch.cat([values, values.new_ones(1, values.shape[1])])  # row K: normaliser
     if depth is None:
-        total = _passes_doubling(values, tree.parent, scaled, keep)
+        out = _DoublingTreeFilter.apply(values, scaled, tree.parent)
     else:
+        values = torch.cat([values, values.new_ones(1, values.shape[1])])  # row K: normaliser
         total = _passes_levels(values, tree.parent, flushed_exp(scaled), keep, depth)
-    out = total[:channels] / total[channels:]
+        out = total[:channels] / total[channels:]
     return out.reshape(channels, batch, height, width).transpose(0, 1)
 
 
-def _passes_doubling(values: Tensor, parent: Tensor, scaled: Tensor, keep: Tensor) -> Tensor:
-    """Upward and downward passes by pointer doubling; ``values`` is ``(K, V)``."""
-    tables = doubling_tables(parent, scaled)
-    up = values
+def _up_pass(values: Tensor, tables: list[tuple[Tensor | None, Tensor, Tensor]]) -> Tensor:
+    """``U = (I + A)(I + A^2)(I + A^4)... values`` for ``(R, V)`` values (no autograd)."""
+    up = values.clone()
+    scratch = torch.empty_like(up)  # reused: fresh large buffers cost page faults on CPU
     for vertices, ancestor, product in tables:
-        source = up if vertices is None else up.index_select(1, vertices)
-        up = up.index_add(1, ancestor, source * product)
-    down = up * keep
+        if vertices is None:
+            source = torch.mul(up, product, out=scratch)
+        else:
+            source = up.index_select(1, vertices).mul_(product)
+        up.index_add_(1, ancestor, source)
+    return up
+
+
+def _down_pass(values: Tensor, tables: list[tuple[Tensor | None, Tensor, Tensor]]) -> Tensor:
+    """``D = (I + A^T)(I + A^2T)... values`` for ``(R, V)`` values, in place (no autograd)."""
+    down = values
+    scratch = torch.empty_like(down)
     for vertices, ancestor, product in tables:
-        gathered = down.index_select(1, ancestor) * product
-        down = down + gathered if vertices is None else down.index_add(1, vertices, gathered)
+        if vertices is None:
+            down.add_(torch.index_select(down, 1, ancestor, out=scratch).mul_(product))
+        else:
+            down.index_add_(1, vertices, down.index_select(1, ancestor).mul_(product))
     return down
+
+
+class _DoublingTreeFilter(torch.autograd.Function):
+    """Normalised tree filter by pointer doubling, with an analytic backward pass.
+
+    Forward: ``Z = [x; 1]``, ``U = up(Z)``, ``D = down((1 - w^2) U)``, ``y = D_x / D_1``.
+
+    Backward, for ``g = dL/dy``: with ``alpha = g / D_1`` and ``beta = sum_k alpha_k y_k``,
+    ``dL/dS_ij = alpha_i . x_j - beta_i``. ``S`` is symmetric, so ``dL/dx = S alpha``: one
+    more pair of passes, on ``Psi = [alpha; -beta]``. ``S_ij`` depends on the weight of edge
+    ``v - p(v)`` iff the path i..j crosses it (``dS_ij/dw_v = S_ij / w_v``); splitting the
+    pairs by the side of the edge each end lies on,
+
+        dL/dw_v = sum over rows of  U_Psi(v) O_Z(v) + O_Psi(v) U_Z(v),
+
+    where ``O(v) = D(p(v)) - w_v U(v)`` is what ``p(v)`` sees outside ``v``'s subtree. No
+    autograd graph is kept for the ``O(log N)`` rounds: the backward costs one forward.
+    """
+
+    @staticmethod
+    def forward(ctx, values: Tensor, scaled: Tensor, parent: Tensor) -> Tensor:  # noqa: D102
+        tables = doubling_tables(parent, scaled)
+        weight = flushed_exp(scaled)
+        keep = _one_minus_square(scaled)
+        up = _up_pass(torch.cat([values, values.new_ones(1, values.shape[1])]), tables)
+        down = _down_pass(up * keep, tables)
+        out = down[:-1] / down[-1:]
+        ctx.tables = tables
+        ctx.save_for_backward(parent, weight, keep, up, down, out)
+        return out
+
+    @staticmethod
+    @once_differentiable
+    def backward(ctx, grad_out: Tensor) -> tuple[Tensor | None, Tensor | None, None]:  # noqa: D102
+        parent, weight, keep, up, down, out = ctx.saved_tensors
+        alpha = grad_out / down[-1:]
+        psi = torch.cat([alpha, -(alpha * out).sum(0, keepdim=True)])
+        up_psi = _up_pass(psi, ctx.tables)
+        down_psi = _down_pass(up_psi * keep, ctx.tables)
+        grad_scaled = None
+        if ctx.needs_input_grad[1]:
+            outside = down.index_select(1, parent) - weight * up
+            outside_psi = down_psi.index_select(1, parent) - weight * up_psi
+            grad_weight = (up_psi * outside + outside_psi * up).sum(0)
+            grad_scaled = -weight * grad_weight
+        grad_values = down_psi[:-1] if ctx.needs_input_grad[0] else None
+        return grad_values, grad_scaled, None
+
+
+def _one_minus_square(scaled: Tensor) -> Tensor:
+    """``1 - exp(-scaled)**2`` as ``-expm1(-2 scaled)``, accurate for weights close to 1.
+
+    Clamped so that ``exp(-2 scaled)`` stays a normal number (see :func:`flushed_exp`).
+    """
+    limit = -0.5 * math.log(torch.finfo(scaled.dtype).tiny)
+    return -torch.expm1(-2.0 * scaled.clamp(max=limit))
 
 
 def _passes_levels(values: Tensor, parent: Tensor, weight: Tensor, keep: Tensor, depth: np.ndarray) -> Tensor:

@@ -1,0 +1,206 @@
+"""Deployment mode: channel, bridge, port checks, and real SuperLink/SuperNode runs.
+
+The end-to-end tests start ``flower_runner.py --mode deployment`` as a subprocess on a tiny
+synthetic federation (3 clients, 32 px) with ports chosen free at test time, and check that
+afterwards no process the run started is alive (every pid in ``pids.json`` and every member
+of their process groups).
+"""
+from __future__ import annotations
+
+import csv
+import json
+import os
+import random
+import signal
+import socket
+import subprocess
+import sys
+import threading
+import time
+from multiprocessing.connection import Listener
+from pathlib import Path
+from typing import Dict, List
+
+import numpy as np
+import pytest
+
+REPO = Path(__file__).resolve().parents[1]
+if str(REPO) not in sys.path:  # `deployment` is not (yet) in the editable install's packages
+    sys.path.insert(0, str(REPO))
+
+from deployment.channel import WorkerUnavailable, decode, encode, request
+from deployment.packing import pack_arrays, unpack_arrays
+from deployment.processes import PortBusyError, check_ports_free, group_members
+
+CLIENTS = 3
+
+
+# ---------------------------------------------------------------------- helpers
+def free_base(span: int) -> int:
+    """A base port with ``span`` free ports above it (below the ephemeral range)."""
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        base = rng.randrange(20000, 32000)
+        try:
+            check_ports_free({f"p{i}": base + i for i in range(span)})
+            return base
+        except PortBusyError:
+            continue
+    raise RuntimeError("no free port range found")
+
+
+def runner(tmp: Path, data: Path, port: int, rounds: int, exp: str = "e2e") -> List[str]:
+    return [sys.executable, "flower_runner.py", "--mode", "deployment", "--img_class",
+            "synthetic_faz", "--root_path", str(data), "--num_clients", str(CLIENTS), "--rounds",
+            str(rounds), "--iters", "2", "--rep_iters", "1", "--batch_size", "2", "--procedure",
+            "pce", "--set", "base_channels=4", "--set", "aux_channels=8", "--port", str(port),
+            "--out_root", str(tmp / "model"), "--exp", exp, "--stop-timeout", "5"]
+
+
+def alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+    except OSError:
+        return False
+    return state not in (b"Z", b"X")
+
+
+def assert_all_stopped(out_dir: Path) -> Dict[str, int]:
+    pids = json.loads((out_dir / "pids.json").read_text())
+    expected = {"superlink", "flwr-run"} | {f"{kind}{k}" for k in range(CLIENTS)
+                                            for kind in ("worker", "supernode", "appexec")}
+    assert expected <= set(pids), f"pids.json lacks {expected - set(pids)}"
+    survivors = {name: pid for name, pid in pids.items() if alive(pid) or group_members(pid)}
+    assert not survivors, f"still running after the run: {survivors}"
+    return pids
+
+
+@pytest.fixture(scope="module")
+def fed_data(tmp_path_factory) -> Path:
+    out = tmp_path_factory.mktemp("dep") / "data"
+    subprocess.run([sys.executable, "-m", "dataloaders.synthetic", "--task", "faz", "--out",
+                    str(out), "--size", "32", "--train-per-site", "6", "--test-per-site", "2",
+                    "--seed", "1"], cwd=REPO, check=True, capture_output=True)
+    return out
+
+
+# ---------------------------------------------------------------------- fast tests
+def test_bridge_imports_neither_torch_nor_medpy():
+    code = ("import sys, deployment.bridge; "
+            "print(','.join(m for m in ('torch', 'medpy') if m in sys.modules))")
+    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, capture_output=True, text=True,
+                         check=True)
+    assert out.stdout.strip() == "", f"the bridge imported {out.stdout.strip()}"
+
+
+def test_channel_and_packing_roundtrip():
+    arrays = {"w": np.arange(12, dtype=np.float32).reshape(3, 4), "n": np.array(7),
+              "empty": np.zeros((0, 2)), "h": np.ones(3, dtype=np.float16)}
+    msg = {"op": "train", "config": {"server-round": 3, "share-include": "encoder,pcs",
+                                     "gpus": [0, 1], "flag": True, "lr": np.float32(0.5)},
+           "arrays": arrays}
+    back = decode(*encode(msg))
+    assert back["op"] == "train" and back["config"]["lr"] == 0.5 and back["config"]["gpus"] == [0, 1]
+    for blob_back in (back["arrays"], unpack_arrays(pack_arrays(arrays))):
+        assert set(blob_back) == set(arrays)
+        for k, v in arrays.items():
+            assert blob_back[k].dtype == v.dtype and blob_back[k].shape == v.shape
+            np.testing.assert_array_equal(blob_back[k], v)
+    with pytest.raises(TypeError):
+        encode({"op": "x", "config": {"bad": object()}})
+
+
+def test_channel_rejects_a_wrong_secret():
+    port = free_base(1)
+    with Listener(("127.0.0.1", port), authkey=b"right") as listener:
+        def serve_once():
+            try:
+                listener.accept()
+            except Exception:  # the failed handshake
+                pass
+
+        thread = threading.Thread(target=serve_once, daemon=True)
+        thread.start()
+        with pytest.raises(WorkerUnavailable, match="handshake"):
+            request(f"127.0.0.1:{port}", b"wrong", {"op": "ping"}, who="site worker of client 1")
+        thread.join(5)
+
+
+def test_worker_not_running_names_the_client(tmp_path):
+    from flwr.app import Context, RecordDict
+
+    from deployment.bridge import ask_worker
+
+    secret = tmp_path / "key"
+    secret.write_text("abc")
+    port = free_base(1)
+    context = Context(run_id=1, node_id=1, node_config={
+        "cid": 2, "worker-address": f"127.0.0.1:{port}", "worker-secret-file": str(secret)},
+        state=RecordDict(), run_config={})
+    with pytest.raises(WorkerUnavailable, match=r"client 2.*not running"):
+        ask_worker(context, "train", {"server-round": 1}, {})
+
+
+@pytest.mark.parametrize("busy_offset, flag", [(0, "SuperLink"), (2, "site worker of client 0")])
+def test_busy_port_gives_a_clear_error(tmp_path, busy_offset, flag):
+    base = free_base(2 * CLIENTS + 2)
+    with socket.socket() as sock:
+        sock.bind(("127.0.0.1", base + busy_offset))
+        sock.listen()
+        res = subprocess.run(runner(tmp_path, tmp_path / "nodata", base, 1), cwd=REPO,
+                             capture_output=True, text=True, timeout=120)
+    text = res.stdout + res.stderr
+    assert res.returncode == 2, text
+    assert f"port {base + busy_offset}" in text and "--port" in text and flag in text, text
+    assert not (tmp_path / "model" / "e2e" / "logs").exists()  # nothing was started
+
+
+# ---------------------------------------------------------------------- real runs
+@pytest.mark.slow
+def test_deployment_run_end_to_end(tmp_path, fed_data):
+    base = free_base(2 * CLIENTS + 2)
+    res = subprocess.run(runner(tmp_path, fed_data, base, 2), cwd=REPO, capture_output=True,
+                         text=True, timeout=300)
+    out = tmp_path / "model" / "e2e"
+    assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
+    assert (out / "config.toml").is_file()
+    with open(out / "metrics.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert sorted((int(r["round"]), int(r["client"])) for r in rows) == \
+        [(r, k) for r in (1, 2) for k in range(CLIENTS)]
+    assert all(float(r["seconds"]) > 0 for r in rows)
+    for k in range(CLIENTS):
+        assert (out / f"client{k}" / "best.pt").is_file()
+        assert (out / f"client{k}" / "latest.pt").is_file()
+        assert (out / "logs" / f"worker{k}.log").is_file()
+    assert (out / "global" / "latest.pt").is_file()
+    assert any((out / "tb").rglob("events.out.tfevents.*"))
+    assert "ended: finished:completed" in res.stdout
+    assert_all_stopped(out)
+
+
+@pytest.mark.slow
+def test_sigint_after_round_one_stops_everything(tmp_path, fed_data):
+    base = free_base(2 * CLIENTS + 2)
+    out = tmp_path / "model" / "int"
+    proc = subprocess.Popen(runner(tmp_path, fed_data, base, 50, exp="int"), cwd=REPO,
+                            stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            if (out / "metrics.csv").is_file():
+                rounds = [line.split(",", 1)[0] for line in
+                          (out / "metrics.csv").read_text().splitlines()[1:]]
+                if rounds.count("1") >= CLIENTS:
+                    break
+            time.sleep(0.1)
+        assert proc.poll() is None, "the run ended before round 1 was recorded"
+        proc.send_signal(signal.SIGINT)
+        stdout, _ = proc.communicate(timeout=120)
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 128 + signal.SIGINT, stdout[-4000:]
+    assert "interrupted by SIGINT" in stdout
+    assert_all_stopped(out)
