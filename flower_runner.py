@@ -110,6 +110,9 @@ def parse_subcommand(argv: List[str]) -> argparse.Namespace:
     add_deploy_flags(site)
     launch = sub.add_parser("launch", help="submit a run to a running SuperLink and stream it")
     launch.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
+    launch.add_argument("--dry-run", action="store_true",
+                        help="only write the snapshot <out_root>/<exp>/config.toml (to copy to "
+                             "the sites) and print its path")
     add_run_flags(launch)
     add_tls_client_flags(launch)
     return p.parse_args(argv)
@@ -190,7 +193,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 def subcommand_main(argv: List[str]) -> int:
     from deployment import launch
-    from deployment.processes import PortBusyError
+    from deployment.processes import DeploymentError
 
     args = parse_subcommand(argv)
     try:
@@ -208,8 +211,11 @@ def subcommand_main(argv: List[str]) -> int:
                                      overrides)
         cfg = absolute_paths(resolve_config(args))
         save_config(cfg, cfg.out_dir / "config.toml")
+        if args.dry_run:
+            log.info("snapshot written: %s", (cfg.out_dir / "config.toml").resolve())
+            return 0
         return launch.launch_run(cfg.out_dir / "config.toml", args.superlink, deploy_options(args))
-    except (ValueError, FileNotFoundError, PortBusyError) as err:
+    except (ValueError, FileNotFoundError, DeploymentError) as err:
         log.error("error: %s", err)
         return 2
 
@@ -236,13 +242,15 @@ def main(argv: Optional[List[str]] = None) -> int:
         run_simulation_mode(cfg)
     else:
         from deployment.launch import run_deployment
-        from deployment.processes import PortBusyError
+        from deployment.processes import DeploymentError
 
         try:
-            return run_deployment(cfg, deploy_options(args))
-        except PortBusyError as err:
+            code = run_deployment(cfg, deploy_options(args))
+        except DeploymentError as err:
             log.error("error: %s", err)
             return 2
+        if code:
+            return code
     log.info("done. Test every client: python test_client.py --client all --exp %s --out_root %s",
              cfg.exp, cfg.out_root)
     log.info("TensorBoard: tensorboard --logdir %s", out_dir / "tb")

@@ -27,7 +27,6 @@ import argparse
 import math
 import platform
 import shlex
-import statistics
 import sys
 import time
 from dataclasses import dataclass
@@ -87,18 +86,23 @@ def synchronize(device: torch.device) -> None:
         torch.cuda.synchronize(device)
 
 
-def time_call(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> list[float]:
-    """Wall-clock seconds of ``repeats`` calls after ``warmup`` untimed ones."""
+def time_call(fn: Callable[[], None], device: torch.device, repeats: int, warmup: int) -> tuple[float, float]:
+    """Minimum wall-clock and process CPU seconds of ``repeats`` calls after ``warmup``.
+
+    The minimum is the least disturbed by other processes sharing the machine; the CPU time
+    (all threads of this process) is robust to waiting for a core.
+    """
     for _ in range(warmup):
         fn()
     synchronize(device)
-    times = []
+    walls, cpus = [], []
     for _ in range(repeats):
-        start = time.perf_counter()
+        wall, cpu = time.perf_counter(), time.process_time()
         fn()
         synchronize(device)
-        times.append(time.perf_counter() - start)
-    return times
+        walls.append(time.perf_counter() - wall)
+        cpus.append(time.process_time() - cpu)
+    return min(walls), min(cpus)
 
 
 def tree_loss_step(inputs: dict, cfg: Size, backend: str) -> Callable[[], None]:
@@ -177,7 +181,7 @@ def device_name(device: torch.device) -> str:
             model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
     except (OSError, StopIteration):
         pass
-    return f"{model}, {torch.get_num_threads()} threads"
+    return f"{model}, {torch.get_num_threads()} thread(s)"
 
 
 def run(args: argparse.Namespace) -> None:
@@ -189,8 +193,8 @@ def run(args: argparse.Namespace) -> None:
             print(f"tree statistics, random {args.tree_stats}x{args.tree_stats} guide on {device}: {tree_stats(args.tree_stats, device)}")
     for device in devices:
         print(f"\n### {device.type}: {device_name(device)}, batch {args.batch}, {args.repeats} timed repeat(s) after {args.warmup} warm-up\n")
-        print("| size | row | time per call (s) | speed-up vs sequential baseline |")
-        print("|---|---|---|---|")
+        print("| size | row | wall s | CPU s | speed-up vs sequential baseline (wall / CPU) |")
+        print("|---|---|---|---|---|")
         for cfg in args.sizes:
             inputs = make_inputs(args.batch, cfg, device)
             # (name, step, key of the baseline row it is compared with)
@@ -202,24 +206,28 @@ def run(args: argparse.Namespace) -> None:
                 ("gated CRF loss, radius 5 (fwd+bwd)", gated_crf_step(inputs), ""),
                 ("unet_lc_multihead (fwd+bwd)", unet_step(inputs, cfg, device), ""),
             ]
-            results: dict[str, float | str] = {}
+            results: dict[str, tuple[float, float] | str] = {}
             for name, step, _ in rows:
                 if isinstance(step, str):
                     results[name] = step
                     continue
-                results[name] = statistics.median(time_call(step, device, args.repeats, args.warmup))
-                print(f"  [{cfg}] {name}: {results[name]:.3f} s", file=sys.stderr, flush=True)
+                results[name] = time_call(step, device, args.repeats, args.warmup)
+                wall, cpu = results[name]
+                print(f"  [{cfg}] {name}: wall {wall:.3f} s, CPU {cpu:.3f} s", file=sys.stderr, flush=True)
             baselines = {key: results[name] for name, _, key in rows if "baseline" in name}
             for name, _, key in rows:
                 value = results[name]
                 if isinstance(value, str):
-                    print(f"| {cfg} | {name} | {value} | |")
+                    print(f"| {cfg} | {name} | {value} | | |")
                     continue
-                ratio = "" if not key or "baseline" in name else f"{baselines[key] / value:.2f}x"
-                print(f"| {cfg} | {name} | {value:.3f} | {ratio} |")
+                wall, cpu = value
+                ratio = ""
+                if key and "baseline" not in name and not isinstance(baselines[key], str):
+                    ratio = f"{baselines[key][0] / wall:.2f}x / {baselines[key][1] / cpu:.2f}x"
+                print(f"| {cfg} | {name} | {wall:.3f} | {cpu:.3f} | {ratio} |")
             tensor_loss, unet = results[rows[0][0]], results[rows[-1][0]]
-            if isinstance(unet, float):
-                print(f"| {cfg} | tensor-path tree loss / U-Net fwd+bwd | {tensor_loss / unet:.2f} | |")
+            if not isinstance(unet, str):
+                print(f"| {cfg} | tensor-path tree loss / U-Net fwd+bwd | {tensor_loss[0] / unet[0]:.2f} | {tensor_loss[1] / unet[1]:.2f} | |")
 
 
 def parse_args(argv: list[str] | None = None) -> argparse.Namespace:

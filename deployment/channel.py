@@ -9,8 +9,8 @@ the arrays, so a peer can send data but never code.
 A request is ``{"op": "train" | "evaluate" | "ping", "config": {...}, "arrays": {...}}``; a
 reply is ``{"ok": bool, "error": str, "metrics": {...}, "arrays": {...}}``.
 
-Only numpy and the standard library are imported here (the bridge runs in a fresh ClientApp
-process per message, so it must stay light).
+Only numpy and the standard library are imported here: the bridge must stay light, since with
+Flower's default isolation it starts in a fresh process for every message.
 """
 from __future__ import annotations
 

@@ -31,7 +31,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .channel import WorkerUnavailable, read_secret, request, write_secret
-from .processes import ChildFailed, Interrupted, ProcessGroup, check_ports_free, interrupts_raise
+from .processes import (ChildFailed, DeploymentError, Interrupted, ProcessGroup,
+                        check_ports_free, interrupts_raise)
 from .supernode import ENV_KEY as NODE_POLL_ENV
 
 log = logging.getLogger("fedicra.deploy")
@@ -180,6 +181,28 @@ def write_flwr_config(flwr_home: Path, address: str, opts: DeployOptions) -> Pat
 def gpu_for(cid: int, gpus: Sequence[int]) -> Optional[int]:
     """Round-robin GPU of client ``cid`` (None: CPU)."""
     return gpus[cid % len(gpus)] if gpus else None
+
+
+def check_out_dir_not_packed(out_dir: Path) -> None:
+    """Refuse an output folder that ``flwr run`` would pack into the app bundle (FAB).
+
+    ``flwr run <repo>`` packs the repository's ``.py``/``.toml``/``.md``/... files except what
+    ``.gitignore`` excludes; an experiment folder inside the repository (its snapshot, its
+    ``flwr_home/apps`` copies of the code) must therefore be ignored, like ``model/``.
+    """
+    try:
+        rel = out_dir.resolve().relative_to(REPO)
+    except ValueError:
+        return  # outside the repository
+    import pathspec  # a dependency of flwr
+
+    ignore = REPO / ".gitignore"
+    lines = ignore.read_text().splitlines() if ignore.is_file() else []
+    if not pathspec.PathSpec.from_lines("gitwildmatch", lines).match_file(f"{rel.as_posix()}/config.toml"):
+        raise DeploymentError(
+            f"the output folder {out_dir} lies inside {REPO} and is not ignored by .gitignore, "
+            "so flwr run would pack it into the app bundle; choose an --out_root outside the "
+            "repository or an ignored one (model/, runs/)")
 
 
 def _toml_string(value: str) -> str:
@@ -335,11 +358,12 @@ def wait_site(group: ProcessGroup, site: Site, plan: PortPlan, opts: DeployOptio
 
 
 def submit_run(group: ProcessGroup, snapshot: Path, flwr_home: Path, opts: DeployOptions,
-               watch: Sequence[str] = ()) -> int:
+               watch: Sequence[str] = (), stop_run: bool = False) -> int:
     """``flwr run`` the repository with ``snapshot``; stream its log; return 0 if it completed.
 
-    While the log streams, the children named in ``watch`` must stay alive; if one dies the
-    run is stopped and :class:`ChildFailed` raised.
+    While the log streams, the children named in ``watch`` must stay alive (else
+    :class:`ChildFailed`). With ``stop_run`` a failure or interrupt here also stops the run on
+    the SuperLink (``flwr stop``), for a SuperLink this process does not own.
     """
     grid_poll = opts.poll_interval / 2 if opts.poll_interval > 0 else 3.0
     run_config = (f"config-file={_toml_string(str(snapshot.resolve()))} "
@@ -354,24 +378,23 @@ def submit_run(group: ProcessGroup, snapshot: Path, flwr_home: Path, opts: Deplo
     threading.Thread(target=_pump, args=(child.proc.stdout, child.log_path, lines),
                      daemon=True).start()
     run_id = None
-    while True:
-        try:
-            line = lines.get(timeout=0.5)
-        except queue.Empty:
+    try:
+        while True:
             try:
+                line = lines.get(timeout=0.5)
+            except queue.Empty:
                 group.check_alive(watch)
-            except ChildFailed:
-                if run_id is not None:
-                    _flwr(["stop", str(run_id), CONNECTION], flwr_home, opts)
-                raise
-            continue
-        if line is None:
-            break
-        match = re.search(r"Successfully started run (\d+)", line)
-        if match:
-            run_id = int(match.group(1))
-            log.info("run %d started", run_id)
-        log.info("| %s", line)
+                continue
+            if line is None:
+                break
+            match = re.search(r"Successfully started run (\d+)", line)
+            run_id = int(match.group(1)) if match else run_id
+            log.info("| %s", line)
+    except (ChildFailed, Interrupted):
+        if stop_run and run_id is not None:
+            log.warning("stopping run %d on the SuperLink", run_id)
+            _flwr(["stop", str(run_id), CONNECTION], flwr_home, opts)
+        raise
     code = child.proc.wait()
     if run_id is None:
         log.error("flwr run exited with code %d before starting a run; see %s", code,
@@ -430,11 +453,13 @@ def run_deployment(cfg, options: Optional[DeployOptions] = None) -> int:
     """Run ``cfg`` on this machine: SuperLink, one site per client, ``flwr run``; clean up.
 
     ``cfg.out_dir/config.toml`` must hold the snapshot (``flower_runner.py`` writes it).
-    Returns 0 when the run completed, 1 when it failed, 2 on a start-up error, 128 + signal
-    number when interrupted (130 for Ctrl-C).
+    Returns 0 when the run completed, 1 when it (or a child) failed, 128 + signal number when
+    interrupted (130 for Ctrl-C, 143 for SIGTERM). Raises :class:`DeploymentError` (busy port,
+    output folder inside the app) before starting anything.
     """
     opts = options or DeployOptions()
     out_dir = Path(cfg.out_dir).resolve()
+    check_out_dir_not_packed(out_dir)
     snapshot = out_dir / "config.toml"
     plan = PortPlan(int(cfg.port))
     ports = {f"SuperLink (--port {plan.base})": plan.superlink}
@@ -536,12 +561,13 @@ def launch_run(snapshot: Path, superlink: str, opts: DeployOptions) -> int:
     from configs import load_config
 
     out_dir = Path(load_config(snapshot).out_dir).resolve()
+    check_out_dir_not_packed(out_dir)
     flwr_home = out_dir / "flwr_home"
     write_flwr_config(flwr_home, superlink, opts)
     group = ProcessGroup(out_dir / "logs")
     try:
         with interrupts_raise():
-            return submit_run(group, snapshot, flwr_home, opts)
+            return submit_run(group, snapshot, flwr_home, opts, stop_run=True)
     except Interrupted as err:
         return _interrupted(err)
     finally:

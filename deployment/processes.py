@@ -13,18 +13,23 @@ import os
 import signal
 import socket
 import subprocess
+import threading
 import time
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Callable, Dict, IO, Iterator, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 
 log = logging.getLogger("fedicra.deploy")
 
 POLL = 0.05  # seconds between readiness checks
 
 
-class PortBusyError(RuntimeError):
+class DeploymentError(RuntimeError):
+    """A deployment cannot start (the message says why and which flag to change)."""
+
+
+class PortBusyError(DeploymentError):
     """A port the deployment needs is taken."""
 
 
@@ -131,16 +136,13 @@ class ProcessGroup:
             raise ValueError(f"a child named {name!r} was already started")
         self.log_dir.mkdir(parents=True, exist_ok=True)
         log_path = self.log_dir / f"{name}.log"
-        log_file: IO[bytes] = open(log_path, "ab")
-        try:
+        with uninterrupted(), open(log_path, "ab") as log_file:  # the child keeps its own fd
             proc = subprocess.Popen(
                 list(argv), env=dict(env) if env is not None else None, cwd=cwd,
                 stdin=subprocess.DEVNULL, stdout=log_file if stdout is None else stdout,
                 stderr=log_file, start_new_session=True)
-        finally:
-            log_file.close()  # the child holds its own descriptor
-        child = Child(name, list(argv), proc, log_path)
-        self.children[name] = child
+            child = Child(name, list(argv), proc, log_path)
+            self.children[name] = child
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
         self.write_pids()
         return child
@@ -154,8 +156,8 @@ class ProcessGroup:
         os.replace(tmp, self.pid_file)
 
     def check_alive(self, names: Optional[Sequence[str]] = None) -> None:
-        """Raise :class:`ChildFailed` (with its log tail) if a named child has exited."""
-        for name in names or list(self.children):
+        """Raise :class:`ChildFailed` (with its log tail) if a named child (default: any) exited."""
+        for name in list(self.children) if names is None else names:
             child = self.children[name]
             if not child.alive():
                 raise ChildFailed(f"{name} exited with code {child.proc.returncode}; last lines "
@@ -177,7 +179,15 @@ class ProcessGroup:
                         watch=[name])
 
     def stop_all(self, timeout: float = 10.0) -> None:
-        """SIGTERM every child's process group, then SIGKILL what outlives ``timeout``."""
+        """SIGTERM every child's process group, then SIGKILL what outlives ``timeout``.
+
+        A further Ctrl-C or SIGTERM during this cleanup is ignored, so it always completes
+        (within ``timeout`` + 5 s).
+        """
+        with signals_ignored():
+            self._stop_all(timeout)
+
+    def _stop_all(self, timeout: float) -> None:
         for child in reversed(list(self.children.values())):
             _signal_group(child.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -240,11 +250,35 @@ def _wait_group(child: Child, deadline: float) -> None:
 
 # ---------------------------------------------------------------------- signals
 @contextmanager
+def signals_ignored() -> Iterator[None]:
+    """Ignore SIGINT and SIGTERM while active (no-op outside the main thread)."""
+    if threading.current_thread() is not threading.main_thread():
+        yield
+        return
+    previous = {s: signal.signal(s, signal.SIG_IGN) for s in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        yield
+    finally:
+        for sig, old in previous.items():
+            signal.signal(sig, old)
+
+
+_deferred = {"depth": 0, "pending": None}
+
+
+@contextmanager
 def interrupts_raise() -> Iterator[None]:
-    """Turn SIGINT and SIGTERM into :class:`Interrupted` in the main thread while active."""
+    """Turn SIGINT and SIGTERM into :class:`Interrupted` in the main thread while active.
+
+    Inside :func:`uninterrupted` blocks the exception is raised when the block ends, so a
+    signal never falls between starting a child and recording it.
+    """
 
     def handler(signum: int, frame) -> None:
-        raise Interrupted(signum)
+        if _deferred["depth"]:
+            _deferred["pending"] = signum
+        else:
+            raise Interrupted(signum)
 
     previous = {s: signal.signal(s, handler) for s in (signal.SIGINT, signal.SIGTERM)}
     try:
@@ -252,3 +286,16 @@ def interrupts_raise() -> Iterator[None]:
     finally:
         for sig, old in previous.items():
             signal.signal(sig, old)
+
+
+@contextmanager
+def uninterrupted() -> Iterator[None]:
+    """Hold back :class:`Interrupted` until the block has run."""
+    _deferred["depth"] += 1
+    try:
+        yield
+    finally:
+        _deferred["depth"] -= 1
+        pending, _deferred["pending"] = _deferred["pending"], None
+        if pending is not None and not _deferred["depth"]:
+            raise Interrupted(pending)

@@ -137,14 +137,15 @@ def serve(worker: SiteWorker, address: str, secret: bytes) -> None:
                     while True:
                         message = receive(conn)
                         start = time.perf_counter()
-                        reply = worker.handle(message)
-                        send(conn, reply)
-                        log.info("client %d: %s round %s answered in %.2f s", worker.cid,
-                                 message.get("op"), message.get("config", {}).get("server-round", "-"),
-                                 time.perf_counter() - start)
+                        send(conn, worker.handle(message))
+                        if message.get("op") != "ping":
+                            log.info("client %d: %s, round %s, answered in %.2f s", worker.cid,
+                                     message.get("op"),
+                                     (message.get("config") or {}).get("server-round"),
+                                     time.perf_counter() - start)
                 except EOFError:
                     pass
-                except (ConnectionError, OSError, ValueError) as err:
+                except (ConnectionError, OSError, ValueError, TypeError, KeyError) as err:
                     log.warning("client %d: connection dropped (%s)", worker.cid, err)
 
 

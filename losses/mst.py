@@ -121,6 +121,13 @@ def edge_endpoints(edge_ids: Tensor, height: int, width: int) -> tuple[Tensor, T
 def grid_edge_ends(batch: int, height: int, width: int, device: torch.device) -> tuple[Tensor, Tensor]:
     """Endpoints of every grid edge of the batch, in global edge id order.
 
+    Parameters
+    ----------
+    batch, height, width : int
+        Batch size and grid size.
+    device : torch.device
+        Device of the result.
+
     Returns
     -------
     tuple of Tensor
@@ -211,12 +218,18 @@ def boruvka_mst(
     rounds = 1
     relabel, num_comp = _contract(parent)
     # edges left: between components and not the heaviest edge of a unit square
-    candidate = torch.nonzero(_square_light_edges(key, height, width).reshape(-1)).squeeze(1)
-    ends = relabel.index_select(0, torch.cat([end_u.index_select(0, candidate), end_v.index_select(0, candidate)]))
-    ends = ends.view(2, -1)
-    inter = torch.nonzero(ends[0] != ends[1]).squeeze(1)
-    edge_id = candidate.index_select(0, inter)
-    ends, key_high = ends.index_select(1, inter), key_high.index_select(0, edge_id)
+    label = relabel.view(batch, height, width)
+    between = torch.cat(
+        [
+            (label[:, :, :-1] != label[:, :, 1:]).reshape(batch, -1),
+            (label[:, :-1, :] != label[:, 1:, :]).reshape(batch, -1),
+        ],
+        dim=1,
+    )
+    edge_id = torch.nonzero((between & _square_light_edges(key, height, width)).reshape(-1)).squeeze(1)
+    ends = torch.cat([end_u.index_select(0, edge_id), end_v.index_select(0, edge_id)])
+    ends = relabel.index_select(0, ends).view(2, -1)
+    key_high = key_high.index_select(0, edge_id)
     while edge_id.numel() > 0:
         rounds += 1
         # the position in the id-ordered edge list breaks cost ties by edge id
@@ -332,7 +345,7 @@ def root_by_euler_tour(
     taken first (from the root) points from parent to child. The tour's successor of the
     arc ``u -> v`` is the arc leaving ``v`` right after ``v -> u`` in ``v``'s cyclic list of
     directions (0 right, 1 down, 2 left, 3 up); the tours are cut at each root and ranked
-    with :func:`list_rank`.
+    with :func:`list_rank` (pointer jumping).
 
     Parameters
     ----------
@@ -382,17 +395,28 @@ def root_by_euler_tour(
     is_first[first_arc] = True
     is_last = is_first.index_select(0, successor)
     successor = torch.where(is_last, arc, successor)
-    remaining = list_rank(successor, first_arc)
+    remaining = list_rank(successor, first_arc, max_length=num_arcs // batch)
     down = remaining[:num_tree] > remaining[num_tree:]  # u -> v comes first: u is the parent
     child = torch.where(down, v, u)
     return vertex.index_copy(0, child, torch.where(down, u, v))
 
 
 @torch.no_grad()
-def list_rank(successor: Tensor, heads: Tensor, spacing_bits: int = 3) -> Tensor:
+def list_rank(
+    successor: Tensor,
+    heads: Tensor,
+    method: str | None = None,
+    spacing_bits: int = 3,
+    max_length: int | None = None,
+) -> Tensor:
     """Distance of every element of a set of linked lists to the end of its list.
 
-    Work-efficient pointer jumping: about one element in ``2**spacing_bits`` (chosen by a
+    ``method="wyllie"``: plain pointer jumping on all ``L`` elements, ``ceil(log2(L))``
+    rounds (``L`` the longest list) of two gathers and no host synchronisation; the default on GPUs, where the
+    ``O(L log L)`` work is cheap and each sequential step costs a kernel launch.
+
+    ``method="rulers"`` (the default on the CPU, where the work is what costs):
+    work-efficient pointer jumping. About one element in ``2**spacing_bits`` (chosen by a
     multiplicative hash of its index, so the choice is deterministic but unrelated to the
     list order), plus every head and tail, becomes a ruler. All rulers walk forward in
     lockstep to the next ruler, labelling the elements they pass; the walks take as many
@@ -407,14 +431,24 @@ def list_rank(successor: Tensor, heads: Tensor, spacing_bits: int = 3) -> Tensor
         ``(L,)`` int64 next element; a list's tail points to itself.
     heads : Tensor
         ``(M,)`` int64 first element of every list.
+    method : {"rulers", "wyllie"}, optional
+        Default: ``"rulers"`` on the CPU, ``"wyllie"`` elsewhere.
     spacing_bits : int
         log2 of the mean ruler spacing.
+    max_length : int, optional
+        Length of the longest list, if known (fewer Wyllie rounds).
 
     Returns
     -------
     Tensor
         ``(L,)`` int64 number of steps from each element to its list's tail.
     """
+    if method is None:
+        method = "rulers" if successor.device.type == "cpu" else "wyllie"
+    if method == "wyllie":
+        return _wyllie(successor, successor.numel() if max_length is None else max_length)
+    if method != "rulers":
+        raise ValueError(f"method must be 'rulers' or 'wyllie', got {method!r}")
     length = successor.numel()
     device = successor.device
     element = torch.arange(length, device=device)
@@ -453,6 +487,16 @@ def list_rank(successor: Tensor, heads: Tensor, spacing_bits: int = 3) -> Tensor
             break
         next_ruler = jumped
     return gap.index_select(0, owner) - offset
+
+
+def _wyllie(successor: Tensor, max_length: int) -> Tensor:
+    """Pointer jumping on every element: ``ceil(log2(L))`` rounds, no host synchronisation."""
+    element = torch.arange(successor.numel(), device=successor.device)
+    remaining = (successor != element).long()
+    for _ in range(max(max_length - 1, 1).bit_length()):
+        remaining = remaining + remaining.index_select(0, successor)
+        successor = successor.index_select(0, successor)
+    return remaining
 
 
 @torch.no_grad()

@@ -24,6 +24,8 @@ IMAGE_COST_OFFSET = 1.0
 """The reference builds the image tree on ``|dI|^2 + 1`` (the offset does not change the
 tree and is kept out of the edge weights)."""
 
+_SIMPLEX_TOLERANCE = 1e-4
+
 
 def multiscale_tree_energy_loss(
     probs: Tensor,
@@ -47,7 +49,10 @@ def multiscale_tree_energy_loss(
     i.e. the L1 distance summed over classes and averaged over unlabelled pixels of the whole
     batch, as in the reference; 0 when no pixel is unlabelled. ``AS`` is not detached:
     gradient reaches ``probs`` both directly and through the filters, and the auxiliary
-    heads through the high-level edge weights.
+    heads through the high-level edge weights. When ``probs`` sums to 1 over classes (to
+    1e-4), the filters normalise by the channel sum (``simplex=True``), which saves a
+    channel; the gradient with respect to ``probs`` then differs from the general one only
+    by per-pixel constants over classes, which vanish through the softmax.
 
     Parameters
     ----------
@@ -80,11 +85,15 @@ def multiscale_tree_energy_loss(
     """
     _check_inputs(probs, image, aux_logits, label)
     height, width = probs.shape[2:]
-    filtered = tree_filter(probs, image, sigma_low, cost_offset=IMAGE_COST_OFFSET, backend=backend)
+    # Probabilities stay on the simplex under a normalised filter: the filter can then skip
+    # its channel of ones (see tree_filter's ``simplex``; same values and, through the
+    # softmax, same gradients).
+    simplex = bool(((probs.detach().sum(1) - 1).abs() <= _SIMPLEX_TOLERANCE).all())
+    filtered = tree_filter(probs, image, sigma_low, IMAGE_COST_OFFSET, backend, simplex)
     for logits in aux_logits:
         if logits.shape[2:] != (height, width):
             logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
-        filtered = tree_filter(filtered, logits, sigma_high, backend=backend)
+        filtered = tree_filter(filtered, logits, sigma_high, backend=backend, simplex=simplex)
     mask = (label == unlabelled).to(probs.dtype)
     distance = (probs - filtered).abs().sum(dim=1)
     return (distance * mask).sum() / mask.sum().clamp(min=1.0)

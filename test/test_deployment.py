@@ -156,6 +156,32 @@ def test_busy_port_gives_a_clear_error(tmp_path, busy_offset, flag):
     assert not (tmp_path / "model" / "e2e" / "logs").exists()  # nothing was started
 
 
+def test_app_bundle_holds_the_code_and_no_data():
+    import io
+    import zipfile
+
+    from flwr.cli.build import build_fab_from_disk
+
+    fab = build_fab_from_disk(REPO)
+    names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
+    assert len(fab) < 2_000_000, f"FAB of {len(fab)} bytes"
+    for needed in ("deployment/bridge.py", "deployment/server_app.py", "deployment/channel.py",
+                   "strategies/server_app.py", "configs/schema.py", "pyproject.toml"):
+        assert needed in names
+    for banned in (".venv/", "data/", "model/", "demo/", ".git/"):
+        assert not any(n.startswith(banned) for n in names), banned
+
+
+def test_output_folder_inside_the_app_must_be_ignored():
+    from deployment.launch import check_out_dir_not_packed
+    from deployment.processes import DeploymentError
+
+    check_out_dir_not_packed(REPO / "model" / "x")  # ignored by .gitignore
+    check_out_dir_not_packed(Path("/tmp/elsewhere"))
+    with pytest.raises(DeploymentError, match="out_root"):
+        check_out_dir_not_packed(REPO / "strategies" / "x")
+
+
 # ---------------------------------------------------------------------- real runs
 @pytest.mark.slow
 def test_deployment_run_end_to_end(tmp_path, fed_data):

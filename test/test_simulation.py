@@ -74,6 +74,15 @@ def test_simulation_run_writes_every_output_and_test_client_reads_them(tiny_fede
     assert (exp / "test" / "mean_std_result.csv").is_file()
     assert len(list((exp / "test" / "client1").glob("*_pred.nii.gz"))) == 2
     assert len(list((exp / "test" / "client1").glob("*_overlay.png"))) == 2
+    seed_test = subprocess.run(  # the reference script name and flags, paths adapted
+        [sys.executable, "-u", "test_client4onemod_FL_Personalize.py", "--client", "client0",
+         "--num_classes", "2", "--in_chns", "1", "--root_path", str(tiny_federation), "--img_class",
+         "synthetic_faz", "--exp", "faz/WeaklySeg_pCE/", "--out_root", str(out_root),
+         "--min_num_clients", "3", "--cid", "0", "--model", "unet_lc_multihead",
+         "--output", str(tmp_path / "seed_test")], cwd=REPO, capture_output=True, text=True, timeout=300)
+    assert seed_test.returncode == 0, seed_test.stdout[-3000:] + seed_test.stderr[-3000:]
+    with open(tmp_path / "seed_test" / "result.csv") as f:
+        assert {r["client"] for r in csv.DictReader(f)} == {"0"}
     single = subprocess.run(
         [sys.executable, "test_client.py", "--client", "client0", "--cid", "0", "--exp", "faz/WeaklySeg_pCE",
          "--out_root", str(out_root), "--img_class", "faz"], cwd=REPO, capture_output=True, text=True)

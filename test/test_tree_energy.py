@@ -41,6 +41,17 @@ def test_equals_brute_force_cascade():
     assert loss.item() == pytest.approx(expected.item(), rel=1e-10)
 
 
+def test_unnormalised_probs_use_the_general_filter():
+    """Inputs off the simplex must not use the channel-sum normaliser."""
+    logits, image, aux, label = _case(seed=7)
+    probs = 0.5 * torch.softmax(logits, 1)
+    loss = multiscale_tree_energy_loss(probs, image, aux[:1], label, UNLABELLED, sigma_low=0.05, sigma_high=0.7)
+    pseudo = brute_force_tree_filter(probs, image, 0.05)
+    pseudo = brute_force_tree_filter(pseudo, F.interpolate(aux[0], size=probs.shape[2:], mode="bilinear", align_corners=False), 0.7)
+    mask = label == UNLABELLED
+    assert loss.item() == pytest.approx(((probs - pseudo).abs().sum(1)[mask].sum() / mask.sum()).item(), rel=1e-10)
+
+
 def test_without_aux_heads_uses_image_tree_only():
     logits, image, _, label = _case(seed=1, channels=3)
     probs = torch.softmax(logits, 1)

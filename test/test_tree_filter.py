@@ -9,6 +9,7 @@ from scipy.sparse.csgraph import connected_components, minimum_spanning_tree
 
 from losses.mst import (
     boruvka_mst,
+    list_rank,
     edge_endpoints,
     grid_edge_costs,
     num_grid_edges,
@@ -158,6 +159,21 @@ def test_constant_guide_tree_and_filter():
     torch.testing.assert_close(out_t, x.mean((2, 3), keepdim=True).expand_as(x), rtol=0, atol=1e-12)
 
 
+@pytest.mark.parametrize("method", ["rulers", "wyllie"])
+@pytest.mark.parametrize("sizes", [[1], [2, 1, 5], [300, 7, 1000, 64]])
+def test_list_rank(method, sizes):
+    generator = torch.Generator().manual_seed(sum(sizes))
+    order = torch.randperm(sum(sizes), generator=generator)
+    successor = torch.empty_like(order)
+    expected = torch.empty_like(order)
+    heads = []
+    for chunk in order.split(sizes):
+        successor[chunk[:-1]], successor[chunk[-1]] = chunk[1:], chunk[-1]
+        expected[chunk] = torch.arange(chunk.numel() - 1, -1, -1)
+        heads.append(chunk[0])
+    assert torch.equal(list_rank(successor, torch.stack(heads), method=method), expected)
+
+
 def _depths(parent: torch.Tensor) -> torch.Tensor:
     """Depth of every vertex by pointer doubling; fails if the pointers do not reach a root."""
     depth = (parent != torch.arange(parent.numel())).long()
@@ -206,6 +222,25 @@ def test_gradcheck(backend):
     x = _rand(2, 2, 3, 4, seed=17).requires_grad_()
     guide = _rand(2, 2, 3, 4, seed=18).requires_grad_()
     assert torch.autograd.gradcheck(lambda a, g: tree_filter(a, g, 0.5, backend=backend), (x, guide))
+
+
+@pytest.mark.parametrize("backend", ["torch", "scipy"])
+def test_simplex_mode(backend):
+    """Probability inputs: same values; through a softmax, same gradients."""
+    logits = torch.randn(2, 3, 5, 6, generator=torch.Generator().manual_seed(23), dtype=torch.float64)
+    guide = _rand(2, 2, 5, 6, seed=24)
+    weights = _rand(2, 3, 5, 6, seed=25)
+    results = []
+    for simplex in (False, True):
+        z, g = logits.clone().requires_grad_(), guide.clone().requires_grad_()
+        out = tree_filter(torch.softmax(z, 1), g, 0.4, backend=backend, simplex=simplex)
+        (out * weights).sum().backward()
+        results.append((out.detach(), z.grad, g.grad))
+    for a, b in zip(*results):
+        torch.testing.assert_close(a, b, rtol=0, atol=1e-13)
+    x = _rand(1, 2, 3, 4, seed=26).requires_grad_()
+    g = _rand(1, 2, 3, 4, seed=27).requires_grad_()
+    assert torch.autograd.gradcheck(lambda a, b: tree_filter(a, b, 0.5, backend=backend, simplex=True), (x, g))
 
 
 def test_gradient_flows_to_guide_only_through_weights():
