@@ -75,7 +75,7 @@ class RunConfig:
     eval_every: int = 1
     tb_images_every: int = 0  # 0: only at the last round
     # processes
-    mode: str = "simulation"
+    mode: str = "deployment"
     port: int = 8097
     gpus: List[int] = field(default_factory=list)
     cpus_per_client: float = 1.0
