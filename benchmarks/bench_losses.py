@@ -40,6 +40,9 @@ from losses.tree_energy import multiscale_tree_energy_loss
 from losses.tree_filter import build_tree, doubling_tables, tree_edge_weights
 
 
+ROW_GROUPS = ("loss", "trees", "crf", "unet")
+
+
 @dataclass(frozen=True)
 class Size:
     """One benchmark configuration: square images of ``size`` pixels."""
@@ -198,14 +201,21 @@ def run(args: argparse.Namespace) -> None:
         for cfg in args.sizes:
             inputs = make_inputs(args.batch, cfg, device)
             # (name, step, key of the baseline row it is compared with)
-            rows: list[tuple[str, Callable[[], None] | str, str]] = [
-                ("tree energy loss, tensor path (fwd+bwd)", tree_loss_step(inputs, cfg, "torch"), "loss"),
-                ("tree energy loss, sequential baseline (fwd+bwd)", tree_loss_step(inputs, cfg, "scipy"), "loss"),
-                ("4 trees: Boruvka + Euler tour (tensor)", tree_build_step(inputs, "torch"), "tree"),
-                ("4 trees: scipy MST + BFS (baseline)", tree_build_step(inputs, "scipy"), "tree"),
-                ("gated CRF loss, radius 5 (fwd+bwd)", gated_crf_step(inputs), ""),
-                ("unet_lc_multihead (fwd+bwd)", unet_step(inputs, cfg, device), ""),
-            ]
+            rows: list[tuple[str, Callable[[], None] | str, str]] = []
+            if "loss" in args.rows:
+                rows += [
+                    ("tree energy loss, tensor path (fwd+bwd)", tree_loss_step(inputs, cfg, "torch"), "loss"),
+                    ("tree energy loss, sequential baseline (fwd+bwd)", tree_loss_step(inputs, cfg, "scipy"), "loss"),
+                ]
+            if "trees" in args.rows:
+                rows += [
+                    ("4 trees: Boruvka + Euler tour (tensor)", tree_build_step(inputs, "torch"), "tree"),
+                    ("4 trees: scipy MST + BFS (baseline)", tree_build_step(inputs, "scipy"), "tree"),
+                ]
+            if "crf" in args.rows:
+                rows.append(("gated CRF loss, radius 5 (fwd+bwd)", gated_crf_step(inputs), ""))
+            if "unet" in args.rows:
+                rows.append(("unet_lc_multihead (fwd+bwd)", unet_step(inputs, cfg, device), ""))
             results: dict[str, tuple[float, float] | str] = {}
             for name, step, _ in rows:
                 if isinstance(step, str):
@@ -215,6 +225,7 @@ def run(args: argparse.Namespace) -> None:
                 wall, cpu = results[name]
                 print(f"  [{cfg}] {name}: wall {wall:.3f} s, CPU {cpu:.3f} s", file=sys.stderr, flush=True)
             baselines = {key: results[name] for name, _, key in rows if "baseline" in name}
+            baselines.update({key: "" for _, _, key in rows if key and key not in baselines})
             for name, _, key in rows:
                 value = results[name]
                 if isinstance(value, str):
@@ -225,8 +236,9 @@ def run(args: argparse.Namespace) -> None:
                 if key and "baseline" not in name and not isinstance(baselines[key], str):
                     ratio = f"{baselines[key][0] / wall:.2f}x / {baselines[key][1] / cpu:.2f}x"
                 print(f"| {cfg} | {name} | {wall:.3f} | {cpu:.3f} | {ratio} |")
-            tensor_loss, unet = results[rows[0][0]], results[rows[-1][0]]
-            if not isinstance(unet, str):
+            tensor_loss = results.get("tree energy loss, tensor path (fwd+bwd)")
+            unet = results.get("unet_lc_multihead (fwd+bwd)")
+            if isinstance(tensor_loss, tuple) and isinstance(unet, tuple):
                 print(f"| {cfg} | tensor-path tree loss / U-Net fwd+bwd | {tensor_loss[0] / unet[0]:.2f} | {tensor_loss[1] / unet[1]:.2f} | |")
 
 
@@ -239,6 +251,7 @@ def parse_args(argv: list[str] | None = None) -> argparse.Namespace:
     parser.add_argument("--warmup", type=int, default=1)
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads")
     parser.add_argument("--tree-stats", type=int, default=256, help="report MST depth and rounds for a random guide of this size (0: skip)")
+    parser.add_argument("--rows", nargs="+", default=list(ROW_GROUPS), choices=ROW_GROUPS, help="row groups to time")
     parser.add_argument("--quick", action="store_true", help="smoke run: batch 2, small sizes")
     args = parser.parse_args(argv)
     if args.threads:

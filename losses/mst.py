@@ -335,6 +335,20 @@ def _next_direction_table(device: torch.device) -> Tensor:
     return table.reshape(-1).to(device)
 
 
+def _direction_masks(in_tree: Tensor, batch: int, height: int, width: int) -> Tensor:
+    """``(B*N,)`` int64 4-bit masks of the tree edges at each pixel (bit d: direction d)."""
+    num_h = height * (width - 1)
+    flags = in_tree.view(batch, -1).long()
+    right = flags[:, :num_h].view(batch, height, width - 1)
+    down = flags[:, num_h:].view(batch, height - 1, width)
+    mask = torch.zeros(batch, height, width, dtype=torch.int64, device=in_tree.device)
+    mask[:, :, :-1] |= right
+    mask[:, :-1, :] |= down << 1
+    mask[:, :, 1:] |= right << 2  # left
+    mask[:, 1:, :] |= down << 3  # up
+    return mask.view(-1)
+
+
 @torch.no_grad()
 def root_by_euler_tour(
     edge_ids: Tensor, batch: int, height: int, width: int, ends: tuple[Tensor, Tensor] | None = None
@@ -382,8 +396,7 @@ def root_by_euler_tour(
     arc = torch.arange(num_arcs, device=device)
     src_slot = src * 4 + arc_dir
     slot = torch.zeros(4 * total, dtype=torch.int64, device=device).index_copy_(0, src_slot, arc)
-    present = torch.zeros(4 * total, dtype=torch.int64, device=device).index_fill_(0, src_slot, 1).view(total, 4)
-    mask = present[:, 0] | (present[:, 1] << 1) | (present[:, 2] << 2) | (present[:, 3] << 3)
+    mask = _direction_masks(in_tree, batch, height, width)
     table = _next_direction_table(device)
     next_dir = table.index_select(0, mask.index_select(0, dst) * 4 + ((arc_dir + 2) & 3))
     successor = slot.index_select(0, dst * 4 + next_dir)
