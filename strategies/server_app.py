@@ -7,6 +7,7 @@ simulation mode of ``flower_runner.py`` builds the same app in process with
 from __future__ import annotations
 
 import logging
+import sys
 
 from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
@@ -21,8 +22,20 @@ from .reporting import RunReporter
 log = logging.getLogger("fedicra.server")
 
 
+def ensure_progress_logging() -> None:
+    """Show the per-round progress lines where nobody configured the project's logger
+    (the ServerApp process that a SuperLink starts)."""
+    root = logging.getLogger("fedicra")
+    if not root.handlers:
+        handler = logging.StreamHandler(sys.stdout)  # the log streamer adds timestamps
+        root.addHandler(handler)
+        root.setLevel(logging.INFO)
+        root.propagate = False
+
+
 def run_server(grid: Grid, cfg: RunConfig) -> None:
     """All rounds of run ``cfg`` on ``grid``; outputs go to ``cfg.out_dir``."""
+    ensure_progress_logging()
     reporter = RunReporter(cfg.out_dir, cfg.rounds)
     try:
         strategy = strategy_class(cfg.strategy)(cfg, reporter)
