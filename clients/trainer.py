@@ -225,6 +225,9 @@ class SiteTrainer:
             metrics.update(self.validate_and_checkpoint(server_round, is_last))
         self.save(self.client_dir / "latest.pt")
         metrics["seconds"] = time.perf_counter() - start
+        log.info("client %d round %d: loss %.4f, val dice %s, %.1f s", self.cid, server_round,
+                 metrics.get("total", float("nan")),
+                 f"{metrics['val_dice']:.4f}" if "val_dice" in metrics else "-", metrics["seconds"])
         metrics["num-examples"] = float(len(self.train_set))
         metrics["cid"] = float(self.cid)
         return self.state_of(shared), metrics

@@ -135,3 +135,24 @@ def test_poly_lr():
 def test_client_id_out_of_range(tiny_federation, tmp_path):
     with pytest.raises(ValueError, match="client id 3"):
         SiteTrainer(tiny_run_config(tiny_federation, tmp_path), cid=3)
+
+
+@pytest.mark.parametrize("method", ["FedAvg", "FedProx", "FedBN", "FedRep", "FedALA", "FedICRA", "Local"])
+def test_every_method_runs_two_rounds_with_its_server_sharing(tiny_federation, tmp_path, method):
+    from networks.factory import build_for_run
+    from strategies.registry import strategy_class
+
+    cfg = tiny_run_config(tiny_federation, tmp_path, strategy=method, rounds=3, prox_mu=0.5)
+    strategy = strategy_class(method)(cfg)
+    glob = strategy.initial_arrays(build_for_run(cfg))
+    config = {"share-include": ",".join(strategy.share_include),
+              "share-exclude": ",".join(strategy.share_exclude)}
+    t = SiteTrainer(cfg, cid=0)
+    for server_round in (1, 2):
+        arrays, metrics = t.train(glob, dict(config, **{"server-round": server_round}))
+        assert set(arrays) == set(glob)
+        assert np.isfinite(metrics["total"])
+        glob = perturbed(arrays, seed=server_round) if arrays else {}
+    assert ("extra" in metrics) == (method == "FedProx")
+    if method == "Local":
+        assert arrays == {}
