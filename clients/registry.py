@@ -1,36 +1,30 @@
-"""Name -> local update rule registry (filled by ``@register_rule``); names are case-insensitive."""
+"""Local update rules by method name (case-insensitive), filled by ``@register_rule``."""
 from __future__ import annotations
 
-from typing import Callable, Dict, Tuple, Type
+from typing import Callable, Tuple, Type
 
-_RULES: Dict[str, type] = {}
+from configs.registry import Registry
+
+
+def _fill() -> None:
+    from . import rules  # noqa: F401  (importing the package registers every rule)
+
+
+_RULES = Registry("method for the client", case_insensitive=True, fill=_fill)
 
 
 def register_rule(name: str) -> Callable[[Type], Type]:
     def decorator(cls: Type) -> Type:
-        key = name.lower()
-        if key in _RULES:
-            raise ValueError(f"local rule {name!r} registered twice")
         cls.name = name
-        _RULES[key] = cls
-        return cls
+        return _RULES.register(name)(cls)
 
     return decorator
 
 
 def build_rule(name: str, cfg):
     """Instantiate the local rule of method ``name`` (e.g. ``'FedICRA'``)."""
-    from . import rules  # noqa: F401  (fills the registry)
-
-    try:
-        return _RULES[name.lower()](cfg)
-    except KeyError:
-        raise ValueError(
-            f"unknown method {name!r} for the client; expected one of {', '.join(rule_names())}"
-        ) from None
+    return _RULES.get(name)(cfg)
 
 
 def rule_names() -> Tuple[str, ...]:
-    from . import rules  # noqa: F401
-
-    return tuple(sorted(cls.name for cls in _RULES.values()))
+    return _RULES.names()

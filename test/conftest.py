@@ -67,6 +67,7 @@ def tiny_federation(tmp_path_factory) -> Path:
 
     root = tmp_path_factory.mktemp("tiny_faz")
     generate_federation("faz", root, size=32, train_per_site=6, test_per_site=2, seed=3)
+    assert sorted(p.name for p in root.glob("Domain*")) == [f"Domain{k}" for k in range(1, 6)]
     return root
 
 
