@@ -117,9 +117,12 @@ class AppExecutor:
                     push_message(client, reply, context)
             except Exception as err:
                 log.error("failed to push the reply", exc_info=err)
-            push_task_output(client=client, context=context, sub_status=status, details=details)
+            # Stop (and join) the heartbeat before the task output invalidates the task token:
+            # a heartbeat sent after it is refused, and Flower's heartbeat then raises SIGINT in
+            # this process, which would end the executor (flwr-clientapp exits anyway, we don't).
             if heartbeat.is_running:
                 heartbeat.stop()
+            push_task_output(client=client, context=context, sub_status=status, details=details)
             client.close()
 
     def serve(self, poll: float) -> None:
