@@ -127,6 +127,45 @@ def test_channel_rejects_a_wrong_secret():
         thread.join(5)
 
 
+def test_executor_stops_heartbeat_before_the_task_output(monkeypatch):
+    """A heartbeat after the task output is refused and makes Flower raise SIGINT in the
+    executor; the heartbeat must therefore be stopped (and joined) first."""
+    import deployment.appexec as appexec
+
+    events: List[str] = []
+
+    class Heartbeat:
+        def __init__(self, fn):
+            self.running = False
+
+        def start(self):
+            self.running = True
+
+        def stop(self):
+            events.append("heartbeat stopped")
+            self.running = False
+
+        @property
+        def is_running(self):
+            return self.running
+
+    class Client:
+        def close(self):
+            events.append("closed")
+
+    def pull(client):
+        raise RuntimeError("no task input")
+
+    monkeypatch.setattr(appexec, "HeartbeatSender", Heartbeat)
+    monkeypatch.setattr(appexec, "make_task_heartbeat_fn_http", lambda client: None)
+    monkeypatch.setattr(appexec, "pull_task_input", pull)
+    monkeypatch.setattr(appexec, "push_task_output", lambda **kw: events.append("task output"))
+    executor = object.__new__(appexec.AppExecutor)
+    monkeypatch.setattr(executor, "_client", lambda interceptors: Client(), raising=False)
+    executor.run_task("token")
+    assert events == ["heartbeat stopped", "task output", "closed"]
+
+
 def test_worker_not_running_names_the_client(tmp_path):
     from flwr.app import Context, RecordDict
 
