@@ -156,3 +156,21 @@ def test_every_method_runs_two_rounds_with_its_server_sharing(tiny_federation, t
     assert ("extra" in metrics) == (method == "FedProx")
     if method == "Local":
         assert arrays == {}
+
+
+def test_fundus_task_trains_with_the_full_objective(tmp_path):
+    """Three channels, three classes (cup, disc rim), cup and disc scored separately."""
+    from dataloaders.synthetic import generate_federation
+
+    root = tmp_path / "odoc"
+    generate_federation("odoc", root, size=32, train_per_site=5, test_per_site=1, seed=4)
+    cfg = tiny_run_config(root, tmp_path / "out", img_class="synthetic_odoc",
+                          procedure="pce_gatedcrf_mstree", crf_radius=2, crf_sigma_xy=2.0)
+    t = SiteTrainer(cfg, cid=2)  # box labels turned into ellipse scribbles for fundus
+    keys = t.keys(ALL.split(","))
+    _, metrics = t.train(t.state_of(keys), round_config(1))
+    for term in ("pce", "tree", "crf", "sc", "total"):
+        assert np.isfinite(metrics[term]), term
+    scores = t.evaluate()
+    assert {"val_dice_cup", "val_dice_disc"} <= set(scores)
+    assert scores["val_dice"] == pytest.approx((scores["val_dice_cup"] + scores["val_dice_disc"]) / 2)
