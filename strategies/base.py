@@ -140,6 +140,8 @@ class PersonalizedStrategy(Strategy):
         weights = [float(m["num-examples"]) for m in metrics]
         arrays = self.aggregate_arrays(server_round, [to_numpy(c["arrays"]) for c in contents], weights)
         aggregated = mean_metrics(metrics, weights)
+        aggregated.pop("cid", None)
+        aggregated["num-examples"] = float(sum(weights))
         val = [m for m in metrics if "val_dice" in m]
         if val:  # sites validate on the same rounds; the plain mean weighs every site equally
             aggregated["val_dice"] = float(np.mean([m["val_dice"] for m in val]))
