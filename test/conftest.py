@@ -13,6 +13,11 @@ from dataloaders.tasks import WEAK_FORM_KEYS, get_task
 
 REPO = Path(__file__).resolve().parents[1]
 
+#: The seed README's train command (its GPU ids are ignored without CUDA).
+SEED_TRAIN = ("--port 8097 --procedure flower_pCE_2D_GateCRFMsacleTreeEnergyLoss_Ours "
+              "--exp faz/WeaklySeg_pCE --base_lr 0.01 --img_class faz --model unet_lc_multihead "
+              "--gpus 0 1 2 3 4 5 --strategy FedICRA --alpha 1 --rep_iters 3").split()
+
 
 def real_faz_root() -> Path:
     """Real FAZ PNG release: ``$FAZ_ROOT`` or ``../shared/data/FAZ`` beside the checkout."""

@@ -25,9 +25,8 @@ import numpy as np
 import pytest
 
 REPO = Path(__file__).resolve().parents[1]
-if str(REPO) not in sys.path:  # `deployment` is not (yet) in the editable install's packages
-    sys.path.insert(0, str(REPO))
 
+from conftest import SEED_TRAIN
 from deployment.channel import WorkerUnavailable, decode, encode, request
 from deployment.packing import pack_arrays, unpack_arrays
 from deployment.processes import PortBusyError, check_ports_free, group_members
@@ -49,11 +48,15 @@ def free_base(span: int) -> int:
     raise RuntimeError("no free port range found")
 
 
-def runner(tmp: Path, data: Path, port: int, rounds: int, exp: str = "e2e") -> List[str]:
-    return [sys.executable, "flower_runner.py", "--mode", "deployment", "--img_class",
+def runner(tmp: Path, data: Path, port: int, rounds: int, exp: str = "e2e",
+           seed_flags: List[str] = ()) -> List[str]:
+    """Runner command for a tiny deployment run; ``seed_flags`` go first (later flags win) and
+    keep their objective, otherwise pCE alone keeps the run short."""
+    objective = [] if seed_flags else ["--procedure", "pce"]
+    return [sys.executable, "flower_runner.py", *seed_flags, "--mode", "deployment", "--img_class",
             "synthetic_faz", "--root_path", str(data), "--num_clients", str(CLIENTS), "--rounds",
-            str(rounds), "--iters", "2", "--rep_iters", "1", "--batch_size", "2", "--procedure",
-            "pce", "--set", "base_channels=4", "--set", "aux_channels=8", "--port", str(port),
+            str(rounds), "--iters", "2", "--rep_iters", "1", "--batch_size", "2", *objective,
+            "--set", "base_channels=4", "--set", "aux_channels=8", "--port", str(port),
             "--out_root", str(tmp / "model"), "--exp", exp, "--stop-timeout", "5"]
 
 
@@ -225,8 +228,9 @@ def test_output_folder_inside_the_app_must_be_ignored():
 @pytest.mark.slow
 def test_deployment_run_end_to_end(tmp_path, fed_data):
     base = free_base(2 * CLIENTS + 2)
-    res = subprocess.run(runner(tmp_path, fed_data, base, 2), cwd=REPO, capture_output=True,
-                         text=True, timeout=300)
+    # the seed README's train command as written, with paths, sizes and the port adapted
+    res = subprocess.run(runner(tmp_path, fed_data, base, 2, seed_flags=SEED_TRAIN), cwd=REPO,
+                         capture_output=True, text=True, timeout=300)
     out = tmp_path / "model" / "e2e"
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert (out / "config.toml").is_file()
@@ -235,6 +239,7 @@ def test_deployment_run_end_to_end(tmp_path, fed_data):
     assert sorted((int(r["round"]), int(r["client"])) for r in rows) == \
         [(r, k) for r in (1, 2) for k in range(CLIENTS)]
     assert all(float(r["seconds"]) > 0 for r in rows)
+    assert all(r[term] != "" for r in rows for term in ("pce", "tree", "crf", "sc"))  # seed objective
     for k in range(CLIENTS):
         assert (out / f"client{k}" / "best.pt").is_file()
         assert (out / f"client{k}" / "latest.pt").is_file()

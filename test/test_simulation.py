@@ -8,13 +8,9 @@ import pytest
 
 import flower_runner
 from configs import load_config
+from conftest import SEED_TRAIN
 
 REPO = Path(__file__).resolve().parents[1]
-
-SEED_TRAIN = ("--port 8097 --procedure flower_pCE_2D_GateCRFMsacleTreeEnergyLoss_Ours "
-              "--exp faz/WeaklySeg_pCE --base_lr 0.01 --img_class faz --model unet_lc_multihead "
-              "--gpus 0 1 2 3 4 5 --strategy FedICRA --alpha 1 --rep_iters 3").split()
-
 
 def test_seed_train_flags_resolve_to_the_reference_setup():
     cfg = flower_runner.resolve_config(flower_runner.parse_args(SEED_TRAIN))
