@@ -70,14 +70,18 @@ def write_case(
         raise
 
 
+def _open(path: Path) -> h5py.File:
+    """Open a case for reading; a damaged or non-HDF5 file raises a ValueError naming it."""
+    try:
+        return h5py.File(path, "r")
+    except OSError as err:
+        raise ValueError(f"{path}: not a readable HDF5 file ({err})") from None
+
+
 def read_case(path: os.PathLike, keys: Optional[List[str]] = None) -> Dict[str, np.ndarray]:
     """Read datasets of one case; errors name the file and the missing key."""
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(f"{path}: not a readable HDF5 file ({err})") from None
-    with f:
+    with _open(path) as f:
         wanted = list(f.keys()) if keys is None else keys
         out = {}
         for key in wanted:
@@ -95,10 +99,6 @@ def read_case(path: os.PathLike, keys: Optional[List[str]] = None) -> Dict[str, 
 def read_meta(path: os.PathLike) -> Dict[str, Tuple[Tuple[int, ...], np.dtype]]:
     """Shape and dtype of every dataset of one case, without reading the arrays."""
     path = Path(path)
-    try:
-        f = h5py.File(path, "r")
-    except OSError as err:
-        raise ValueError(f"{path}: not a readable HDF5 file ({err})") from None
-    with f:
+    with _open(path) as f:
         return {key: (tuple(obj.shape), obj.dtype) for key, obj in f.items()
                 if isinstance(obj, h5py.Dataset)}
