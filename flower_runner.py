@@ -20,9 +20,9 @@ import logging
 import os
 import sys
 from pathlib import Path
-from typing import Dict, List, Optional
+from typing import Dict, List, Mapping, Optional, Tuple
 
-from configs import RunConfig, config_dir, load_config, save_config
+from configs import RunConfig, config_dir, load_config, read_config_values, save_config
 
 log = logging.getLogger("fedicra")
 
@@ -127,22 +127,73 @@ def _parse_value(text: str):
         return text
 
 
-def resolve_config(args: argparse.Namespace) -> RunConfig:
-    """Config file (explicit, else ``configs/<img_class>.toml``, else defaults) + flags."""
+def config_file(args: argparse.Namespace) -> Optional[Path]:
+    """``--config``, else ``configs/<img_class>.toml`` when it exists, else none."""
     if args.config is not None:
-        cfg = load_config(args.config)
-    else:
-        default = config_dir() / f"{args.img_class or RunConfig().img_class}.toml"
-        cfg = load_config(default) if default.is_file() else RunConfig()
-    overrides: Dict[str, object] = {k: getattr(args, k) for k in _FLAGS}
+        return args.config
+    default = config_dir() / f"{args.img_class or RunConfig().img_class}.toml"
+    return default if default.is_file() else None
+
+
+def flag_values(args: argparse.Namespace) -> Dict[str, object]:
+    """The keys the command line sets (named flags, ``--gpus``, every ``--set KEY=VALUE``)."""
+    values: Dict[str, object] = {k: getattr(args, k) for k in _FLAGS if getattr(args, k) is not None}
     if args.gpus is not None:
-        overrides["gpus"] = args.gpus
+        values["gpus"] = args.gpus
     for item in args.set:
         key, sep, value = item.partition("=")
         if not sep:
             raise ValueError(f"--set expects KEY=VALUE, got {item!r}")
-        overrides[key.strip()] = _parse_value(value.strip())
-    return cfg.override(overrides, "command line").validate()
+        values[key.strip()] = _parse_value(value.strip())
+    return values
+
+
+def resolve_layers(args: argparse.Namespace) -> Tuple[RunConfig, Dict[str, str]]:
+    """The run configuration and, for every key not left at its schema default, its source.
+
+    Layers, later ones winning: the schema defaults, the strategy's own defaults (its paper's
+    network, objective and hyper-parameters, declared beside its registration), the config
+    file, the command line. The strategy name is canonicalised (``fedavg`` -> ``FedAvg``) and
+    ``exp`` resolved (default ``<img_class>/<strategy>``).
+    """
+    from strategies.registry import strategy_class
+
+    path = config_file(args)
+    file_values = read_config_values(path) if path is not None else {}
+    flags = flag_values(args)
+    name = str(flags.get("strategy", file_values.get("strategy", RunConfig().strategy)))
+    strategy = strategy_class(name)
+    layers = [("strategy " + strategy.name, dict(strategy.defaults)),
+              (str(path), file_values), ("command line", flags)]
+    merged: Dict[str, object] = {}
+    sources: Dict[str, str] = {}
+    for source, values in layers:
+        merged.update(values)
+        sources.update({k: source for k in values})
+    merged["strategy"] = strategy.name
+    sources["config file"] = str(path) if path is not None else "none"
+    cfg = RunConfig.from_mapping(merged, "command line")
+    cfg.exp = cfg.exp_name
+    return cfg.validate(), sources
+
+
+def resolve_config(args: argparse.Namespace) -> RunConfig:
+    """Schema defaults < strategy defaults < config file < flags (see :func:`resolve_layers`)."""
+    return resolve_layers(args)[0]
+
+
+def describe(cfg: RunConfig, sources: Mapping[str, str]) -> str:
+    """One start-up line: what will be trained, and where each choice came from."""
+    from dataloaders.tasks import get_task
+
+    def item(key: str) -> str:
+        return f"{getattr(cfg, key)} ({sources.get(key, 'default')})"
+
+    size = cfg.img_size or get_task(cfg.img_class).image_size
+    return (f"run {cfg.exp}: strategy {cfg.strategy}, network {item('model')}, objective "
+            f"{item('procedure')}, task {cfg.img_class} at {size} px from {cfg.root_path}, "
+            f"{cfg.num_clients} clients, {cfg.rounds} rounds x {cfg.iters} iterations, "
+            f"seed {cfg.seed}, config file {sources.get('config file', 'none')}")
 
 
 def setup_logging() -> None:
@@ -227,7 +278,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         return subcommand_main(argv)
     try:
         args = parse_args(argv)
-        cfg = resolve_config(args)
+        cfg, sources = resolve_layers(args)
         if cfg.mode == "deployment":
             cfg = absolute_paths(cfg)
     except (ValueError, FileNotFoundError) as err:
@@ -236,8 +287,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out_dir = cfg.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.toml")
-    log.info("run %s: %s on %s, %d clients, %d rounds x %d iterations -> %s",
-             cfg.exp, cfg.strategy, cfg.img_class, cfg.num_clients, cfg.rounds, cfg.iters, out_dir)
+    log.info("%s -> %s", describe(cfg, sources), out_dir)
     if cfg.mode == "simulation":
         run_simulation_mode(cfg)
     else:

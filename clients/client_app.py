@@ -80,8 +80,9 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    """Validation Dice of the personalised model (the received arrays are not used)."""
+    """Validation Dice of the personalised model, and of the received global arrays when the
+    strategy deploys a global model (``validate-global`` in the config)."""
     config = msg.content["config"]
     trainer = get_trainer(config, context)
-    metrics = trainer.evaluate()
+    metrics = trainer.evaluate(to_arrays(msg.content["arrays"]), config)
     return Message(content=RecordDict({"metrics": MetricRecord(metrics)}), reply_to=msg)

@@ -1,4 +1,4 @@
 """Run configuration: the schema (``configs.schema``) and ready-made TOML files beside it."""
-from .schema import RunConfig, load_config, save_config, config_dir
+from .schema import RunConfig, config_dir, load_config, read_config_values, save_config
 
-__all__ = ["RunConfig", "load_config", "save_config", "config_dir"]
+__all__ = ["RunConfig", "config_dir", "load_config", "read_config_values", "save_config"]

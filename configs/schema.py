@@ -36,7 +36,7 @@ class RunConfig:
     val_fraction: float = 0.2
     label_form: str = ""  # "": each site's own weak form; "mask": full masks (CT-full style)
     # experiment
-    exp: str = "faz/FedICRA"
+    exp: str = "{img_class}/{strategy}"  # placeholders: {img_class}, {strategy}
     out_root: str = "model"
     seed: int = 2022
     # model and objective
@@ -53,6 +53,12 @@ class RunConfig:
     crf_downsample: int = 1
     tree_sigma_low: float = 0.02
     tree_sigma_high: float = 1.0
+    # reference fidelity (docs/federated.md, "differences from the reference")
+    tree_gray_as_rgb: bool = True  # 1-channel images build the image tree as if repeated to RGB
+    sc_grad: bool = True  # site-contrastive term trains the model (reference: no gradient)
+    rotate_order: int = 0  # image interpolation of the free rotation (0: nearest, the reference)
+    rotate_fill: float = -1.0  # image fill of the free rotation (< 0: the task's reference fill)
+    reset_optimizer: bool = True  # fresh AdamW state every round (the reference); False: one per run
     # federation
     strategy: str = "FedICRA"
     num_clients: int = 5
@@ -68,7 +74,8 @@ class RunConfig:
     ala_num_pre_loss: int = 10
     ala_rand_percent: float = 0.8
     ala_warmup_rounds: int = 1
-    ala_max_epochs: int = 20
+    ala_max_epochs: int = 20  # 0: no cap (FedALA and the reference loop until the rule stops)
+    ala_layer_idx: int = 0  # 0: blend the decoder side (FedICRA); N > 0: the top N parameter tensors (FedALA)
     # FedProx
     prox_mu: float = 0.01
     # validation, logging
@@ -81,8 +88,17 @@ class RunConfig:
     cpus_per_client: float = 1.0
 
     @property
+    def exp_name(self) -> str:
+        """``exp`` with its ``{img_class}`` / ``{strategy}`` placeholders filled in."""
+        try:
+            return self.exp.format(img_class=self.img_class, strategy=self.strategy)
+        except (KeyError, IndexError, ValueError):
+            raise ValueError(f"invalid configuration: exp {self.exp!r} may only use the "
+                             "placeholders {img_class} and {strategy}") from None
+
+    @property
     def out_dir(self) -> Path:
-        return Path(self.out_root) / self.exp
+        return Path(self.out_root) / self.exp_name
 
     def validate(self) -> "RunConfig":
         checks = [
@@ -96,6 +112,9 @@ class RunConfig:
             (self.mode in ("simulation", "deployment"), "mode must be simulation or deployment"),
             (self.img_size == 0 or self.img_size % 16 == 0, "img_size must be 0 or a multiple of 16"),
             (self.eval_every >= 1, "eval_every must be >= 1"),
+            (self.rotate_order in (0, 1, 3), "rotate_order must be 0, 1 or 3"),
+            (self.ala_layer_idx >= 0, "ala_layer_idx must be >= 0"),
+            (self.ala_max_epochs >= 0, "ala_max_epochs must be >= 0"),
         ]
         for ok, message in checks:
             if not ok:
@@ -146,8 +165,8 @@ def _coerce(key: str, value: Any, default: Any, source: str) -> Any:
     )
 
 
-def load_config(path: os.PathLike) -> RunConfig:
-    """Read a TOML file (flat keys of :class:`RunConfig`)."""
+def read_config_values(path: os.PathLike) -> Dict[str, Any]:
+    """The keys a TOML file sets, checked against :class:`RunConfig` (names and types)."""
     path = Path(path)
     if not path.is_file():
         raise FileNotFoundError(f"configuration file {path} does not exist")
@@ -156,7 +175,13 @@ def load_config(path: os.PathLike) -> RunConfig:
             values = tomllib.load(f)
     except tomllib.TOMLDecodeError as err:
         raise ValueError(f"{path}: not valid TOML ({err})") from None
-    return RunConfig.from_mapping(values, str(path))
+    RunConfig.from_mapping(values, str(path))
+    return values
+
+
+def load_config(path: os.PathLike) -> RunConfig:
+    """Read a TOML file (flat keys of :class:`RunConfig`; unset keys keep their defaults)."""
+    return RunConfig.from_mapping(read_config_values(path), str(path))
 
 
 def save_config(cfg: RunConfig, path: os.PathLike) -> None:

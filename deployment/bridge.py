@@ -80,6 +80,6 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    reply = ask_worker(context, "evaluate", _config(msg), {})
+    reply = ask_worker(context, "evaluate", _config(msg), _arrays(msg))
     return Message(content=RecordDict({"metrics": MetricRecord(reply["metrics"])}), reply_to=msg)
 

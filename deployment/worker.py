@@ -103,7 +103,8 @@ class SiteWorker:
                 arrays, metrics = self.trainer.train(message.get("arrays") or {}, config)
                 return {"ok": True, "arrays": arrays, "metrics": metrics}
             if op == "evaluate":
-                return {"ok": True, "metrics": self.trainer.evaluate()}
+                return {"ok": True,
+                        "metrics": self.trainer.evaluate(message.get("arrays") or {}, config)}
             raise ValueError(f"unknown operation {op!r}")
         except Exception as err:  # the bridge turns this into a Flower error reply
             log.error("client %d: %s failed:\n%s", self.cid, op, traceback.format_exc())

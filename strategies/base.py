@@ -58,6 +58,12 @@ class PersonalizedStrategy(Strategy):
     name = "base"
     share_include: Tuple[str, ...] = ALL_GROUPS
     share_exclude: Tuple[str, ...] = ()
+    #: What the method hands each site at the end: ``"global"`` (one model for every site,
+    #: tested from ``global/best.pt``) or ``"personal"`` (each site's ``client<k>/best.pt``).
+    deploys: str = "personal"
+    #: The method as its paper defines it: RunConfig values applied when neither the config
+    #: file nor the command line sets them (network, objective, method hyper-parameters).
+    defaults: Dict[str, object] = {"model": "unet", "procedure": "pce"}
 
     def __init__(self, cfg, reporter: Optional[RunReporter] = None,
                  node_timeout: float = 600.0) -> None:
@@ -66,6 +72,7 @@ class PersonalizedStrategy(Strategy):
         self.node_timeout = node_timeout
         self.node_ids: List[int] = []
         self._sent = 0
+        self._global_sent: Optional[ArrayRecord] = None
 
     # ------------------------------------------------------------------ hooks
     def shared_keys(self, model: nn.Module) -> List[str]:
@@ -97,7 +104,8 @@ class PersonalizedStrategy(Strategy):
         values = {k: v for k, v in base.items() if k not in LOCAL_ONLY_KEYS}
         values.update({"server-round": server_round,
                        "share-include": ",".join(self.share_include),
-                       "share-exclude": ",".join(self.share_exclude)})
+                       "share-exclude": ",".join(self.share_exclude),
+                       "validate-global": self.deploys == "global"})
         values.update(self.round_config(server_round))
         return ConfigRecord(values)
 
@@ -119,10 +127,13 @@ class PersonalizedStrategy(Strategy):
         nodes = self.wait_for_nodes(grid)
         msg_config = self.message_config(config, server_round)
         self._sent = len(nodes)
+        self._global_sent = arrays
         return [Message(RecordDict({"arrays": self.payload_for(n, arrays), "config": msg_config}),
                         dst_node_id=n, message_type=MessageType.TRAIN) for n in nodes]
 
     def _valid(self, server_round: int, replies: Iterable[Message], phase: str) -> List[RecordDict]:
+        """The replies' contents, ordered by client id (so aggregation does not depend on
+        arrival order); an error reply or a missing client fails the round."""
         replies = list(replies)
         failed = [m for m in replies if m.has_error()]
         if failed:
@@ -131,7 +142,8 @@ class PersonalizedStrategy(Strategy):
         if len(replies) < self._sent:
             raise RuntimeError(f"round {server_round} {phase}: {len(replies)} of "
                                f"{self._sent} clients answered")
-        return [m.content for m in replies]
+        contents = [m.content for m in replies]
+        return sorted(contents, key=lambda c: float(c["metrics"].get("cid", -1.0)))
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
@@ -142,11 +154,18 @@ class PersonalizedStrategy(Strategy):
         aggregated = mean_metrics(metrics, weights)
         aggregated.pop("cid", None)
         aggregated["num-examples"] = float(sum(weights))
-        val = [m for m in metrics if "val_dice" in m]
-        if val:  # sites validate on the same rounds; the plain mean weighs every site equally
-            aggregated["val_dice"] = float(np.mean([m["val_dice"] for m in val]))
+        # Sites validate on the same rounds; plain means weigh every site equally.
+        for key in ("val_dice", "val_dice_global"):
+            if all(key in m for m in metrics):
+                aggregated[key] = float(np.mean([m[key] for m in metrics]))
+            else:
+                aggregated.pop(key, None)
         if self.reporter is not None:
             self.reporter.record_round(server_round, metrics, aggregated, arrays, len(self.node_ids))
+            if "val_dice_global" in aggregated and self._global_sent is not None:
+                # the arrays sent this round are the aggregate of the previous round
+                self.reporter.record_global_validation(
+                    server_round - 1, to_numpy(self._global_sent), aggregated["val_dice_global"])
         return to_record(arrays), MetricRecord(aggregated)
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -156,7 +175,10 @@ class PersonalizedStrategy(Strategy):
             return []
         msg_config = self.message_config(config, server_round)
         self._sent = len(self.node_ids)
-        return [Message(RecordDict({"arrays": ArrayRecord(), "config": msg_config}),
+        # A global method's final aggregate is validated by every site; others send nothing.
+        self._global_sent = arrays if self.deploys == "global" else None
+        payload = arrays if self.deploys == "global" else ArrayRecord()
+        return [Message(RecordDict({"arrays": payload, "config": msg_config}),
                         dst_node_id=n, message_type=MessageType.EVALUATE) for n in self.node_ids]
 
     def aggregate_evaluate(self, server_round: int, replies: Iterable[Message]
@@ -165,6 +187,12 @@ class PersonalizedStrategy(Strategy):
         if not contents:
             return None
         metrics = [dict(c["metrics"]) for c in contents]
+        summary = {"val_dice": float(np.mean([m["val_dice"] for m in metrics]))}
+        if self._global_sent is not None and all("val_dice_global" in m for m in metrics):
+            summary["val_dice_global"] = float(np.mean([m["val_dice_global"] for m in metrics]))
         if self.reporter is not None:
             self.reporter.record_final(metrics)
-        return MetricRecord({"val_dice": float(np.mean([m["val_dice"] for m in metrics]))})
+            if "val_dice_global" in summary:
+                self.reporter.record_global_validation(
+                    server_round, to_numpy(self._global_sent), summary["val_dice_global"])
+        return MetricRecord(summary)

@@ -6,4 +6,7 @@ from .registry import register_strategy
 
 @register_strategy("FedALA")
 class FedALA(PersonalizedStrategy):
-    """All groups shared; adaptive local aggregation happens on the sites."""
+    """All groups shared; adaptive local aggregation of the top ``ala_layer_idx`` parameter
+    tensors happens on the sites (FedALA's default: 2, the head's weight and bias)."""
+
+    defaults = {"model": "unet", "procedure": "pce", "ala_layer_idx": 2}

@@ -5,4 +5,6 @@ from .registry import register_strategy
 
 @register_strategy("FedAvg")
 class FedAvg(PersonalizedStrategy):
-    """All groups shared; the base class's sample-weighted mean."""
+    """All groups shared; the base class's sample-weighted mean. Deploys the global model."""
+
+    deploys = "global"

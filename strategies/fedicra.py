@@ -13,3 +13,6 @@ from .registry import register_strategy
 @register_strategy("FedICRA")
 class FedICRA(PersonalizedStrategy):
     """All groups (encoder, PCS, decoder, head, auxiliary heads) are shared."""
+
+    defaults = {"model": "unet_lc_multihead", "procedure": "pce_gatedcrf_mstree", "alpha": 1.0,
+                "rep_iters": 3, "ala_layer_idx": 0}

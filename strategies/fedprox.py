@@ -6,4 +6,7 @@ from .registry import register_strategy
 
 @register_strategy("FedProx")
 class FedProx(PersonalizedStrategy):
-    """All groups shared."""
+    """All groups shared. Deploys the global model."""
+
+    deploys = "global"
+    defaults = {"model": "unet", "procedure": "pce", "prox_mu": 0.01}

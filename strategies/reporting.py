@@ -16,7 +16,7 @@ log = logging.getLogger("fedicra.server")
 
 #: Columns of metrics.csv; loss terms a method does not produce stay empty.
 CSV_COLUMNS = ("round", "client", "num_examples", "total", "pce", "tree", "crf", "sc", "extra",
-               "lr", "val_dice", "best_val_dice", "seconds")
+               "lr", "val_dice", "best_val_dice", "val_dice_global", "seconds")
 
 
 def _fmt_seconds(seconds: float) -> str:
@@ -41,7 +41,7 @@ class RunReporter:
         self.out_dir = Path(out_dir)
         self.rounds = rounds
         self.start = time.perf_counter()
-        self.best_val = -math.inf
+        self.best_global = -math.inf
         self.csv_path = self.out_dir / "metrics.csv"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         with open(self.csv_path, "w", newline="") as f:
@@ -78,11 +78,20 @@ class RunReporter:
         self.writer.flush()
         state = {"round": server_round, "arrays": dict(global_arrays)}
         save_atomic(state, self.out_dir / "global" / "latest.pt")
-        val = aggregated.get("val_dice")
-        if val is not None and val > self.best_val:
-            self.best_val = float(val)
-            save_atomic(dict(state, val_dice=self.best_val), self.out_dir / "global" / "best.pt")
         self._progress(server_round, len(client_metrics), expected_clients, aggregated)
+
+    def record_global_validation(self, aggregate_round: int, arrays: Mapping[str, np.ndarray],
+                                 val_dice: float) -> None:
+        """The global model aggregated at ``aggregate_round`` (0: the initial model) scored
+        ``val_dice``, the mean over sites of its validation Dice: keep it as
+        ``global/best.pt`` when it is the best so far (what global methods deploy)."""
+        self.writer.add_scalar("server/val_dice_global", val_dice, aggregate_round)
+        log.info("global model of round %d: mean validation dice %.4f over sites",
+                 aggregate_round, val_dice)
+        if val_dice > self.best_global:
+            self.best_global = float(val_dice)
+            save_atomic({"round": aggregate_round, "arrays": dict(arrays), "val_dice": val_dice},
+                        self.out_dir / "global" / "best.pt")
 
     def _progress(self, server_round: int, answered: int, expected: int,
                   aggregated: Mapping[str, float]) -> None:

@@ -44,8 +44,9 @@ def test_simulation_run_writes_every_output_and_test_client_reads_them(tiny_fede
     exp = out_root / "faz" / "WeaklySeg_pCE"
     cfg = load_config(exp / "config.toml")
     assert cfg.img_class == "synthetic_faz" and cfg.rounds == 2
-    for name in ("global/latest.pt", "global/best.pt", "metrics.csv"):
+    for name in ("global/latest.pt", "metrics.csv"):
         assert (exp / name).is_file(), name
+    assert not (exp / "global" / "best.pt").exists(), "FedICRA deploys personalised models"
     for k in range(3):
         assert (exp / f"client{k}" / "best.pt").is_file() and (exp / f"client{k}" / "latest.pt").is_file()
         assert list((exp / "tb" / f"client{k}").glob("events.out.tfevents.*"))
