@@ -3,10 +3,18 @@
 For every blended parameter the client keeps a weight tensor W in [0, 1] of the same shape and
 forms ``theta = L + (G - L) * W`` from its previous local value L and the received global
 value G. W is learned on local data by projected gradient steps
-``W <- clip(W - eta * dLoss/dtheta * (G - L), 0, 1)``. W starts at 1 (pure global) and is kept
-across rounds. The first active round repeats passes until the last ``num_pre_loss`` losses
-have a standard deviation below ``threshold`` (at most ``max_epochs`` passes); later rounds
-make one pass.
+``W <- clip(W - eta * dLoss/dtheta * (G - L), 0, 1)``, one step per batch. W starts at 1 (pure
+global) and is kept across rounds.
+
+Stopping rule, as in FedALA's ``ALA.adaptive_local_aggregation``: every call makes passes
+(epochs) over ONE batch sequence, a random ``rand_percent`` subset of the local training data
+drawn once per call (FedALA slices a fixed random window of its shuffled data and loads it
+without shuffling, so every pass of a call sees the same batches in the same order). Each pass
+records ONE loss, the loss of its last batch (computed before that batch's weight update). In
+the start phase (the first active call) passes repeat until more than ``num_pre_loss`` losses
+are recorded and the population standard deviation of the last ``num_pre_loss`` is below
+``threshold``; later calls make one pass. ``max_epochs`` (> 0) caps the number of passes of a
+call; FedALA has no cap (``max_epochs = 0``).
 """
 from __future__ import annotations
 
@@ -25,6 +33,10 @@ class AdaptiveAggregator:
                  max_epochs: int = 20) -> None:
         if eta < 0:
             raise ValueError(f"ala eta must be >= 0, got {eta}")
+        if num_pre_loss < 1:
+            raise ValueError(f"ala num_pre_loss must be >= 1, got {num_pre_loss}")
+        if max_epochs < 0:
+            raise ValueError(f"ala max_epochs must be >= 0 (0: no cap), got {max_epochs}")
         self.eta = eta
         self.threshold = threshold
         self.num_pre_loss = num_pre_loss
@@ -41,18 +53,26 @@ class AdaptiveAggregator:
         ----------
         model : nn.Module
             The local model; parameters named in ``global_params`` hold L on entry and theta
-            on return. Everything else in ``model`` is left as it is.
+            on return. Everything else in ``model`` is left as it is, buffers included: W is
+            learned on a copy in train mode, whose BatchNorm statistics are discarded (FedALA
+            learns on a deep copy of the local model in the same way).
         global_params : mapping name -> Tensor
             G for every blended parameter (same shapes as the model's).
         loss_fn : callable(model, batch) -> scalar Tensor
             Local loss used to learn W.
         make_batches : callable(epoch) -> iterable of batches
-            One pass over the local data used for learning W.
+            One pass over the local data used for learning W. It must give the same batches
+            for every ``epoch`` of one call (FedALA: one fixed subset per call).
 
         Returns
         -------
         list of float
-            The losses seen while learning W.
+            One loss per epoch: the loss of that epoch's last batch.
+
+        Raises
+        ------
+        ValueError
+            When the blended names differ from those of earlier rounds, or a pass has no batch.
         """
         params = dict(model.named_parameters())
         names = list(global_params)
@@ -73,31 +93,46 @@ class AdaptiveAggregator:
         probe.train()
 
         losses: List[float] = []
-        epoch = 0
         while True:
-            for batch in make_batches(epoch):
-                probe.zero_grad(set_to_none=True)
-                loss = loss_fn(probe, batch)
-                loss.backward()
-                with torch.no_grad():
-                    for n in names:
-                        grad = probe_params[n].grad
-                        if grad is not None:
-                            self.weights[n] = torch.clamp(
-                                self.weights[n] - self.eta * grad * delta[n], 0.0, 1.0)
-                self._apply(probe_params, local, delta)
-                losses.append(float(loss.detach()))
-            epoch += 1
-            if not self.start_phase or epoch >= self.max_epochs:
-                break
-            recent = losses[-self.num_pre_loss:]
-            if len(losses) > self.num_pre_loss and float(np.std(recent)) < self.threshold:
+            losses.append(self._epoch(probe, probe_params, names, local, delta, loss_fn,
+                                      make_batches(len(losses))))
+            if self._should_stop(losses):
                 break
         self.start_phase = False
         with torch.no_grad():
             for n in names:
                 params[n].copy_(probe_params[n])
         return losses
+
+    def _epoch(self, probe: nn.Module, probe_params: Dict[str, nn.Parameter], names: List[str],
+               local: Dict[str, Tensor], delta: Dict[str, Tensor],
+               loss_fn: Callable[[nn.Module, Dict[str, Tensor]], Tensor],
+               batches: Iterable[Dict[str, Tensor]]) -> float:
+        """One pass: a W step per batch; returns the loss of the last batch."""
+        last: Optional[Tensor] = None
+        for batch in batches:
+            probe.zero_grad(set_to_none=True)
+            last = loss_fn(probe, batch)
+            last.backward()
+            with torch.no_grad():
+                for n in names:
+                    grad = probe_params[n].grad
+                    if grad is not None:
+                        self.weights[n] = torch.clamp(
+                            self.weights[n] - self.eta * grad * delta[n], 0.0, 1.0)
+            self._apply(probe_params, local, delta)
+        if last is None:
+            raise ValueError("adaptive aggregation got an empty pass: make_batches gave no batch")
+        return float(last.detach())
+
+    def _should_stop(self, losses: List[float]) -> bool:
+        """FedALA's rule after each epoch (one loss per epoch in ``losses``), plus the cap."""
+        if not self.start_phase:
+            return True
+        recent = losses[-self.num_pre_loss:]
+        if len(losses) > self.num_pre_loss and float(np.std(recent)) < self.threshold:
+            return True
+        return self.max_epochs > 0 and len(losses) >= self.max_epochs
 
     def _apply(self, probe_params: Dict[str, nn.Parameter], local: Dict[str, Tensor],
                delta: Dict[str, Tensor]) -> None:

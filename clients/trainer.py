@@ -5,6 +5,7 @@ deployment workers. Everything it needs to resume lives in :meth:`SiteTrainer.st
 """
 from __future__ import annotations
 
+import copy
 import logging
 import time
 from pathlib import Path
@@ -42,6 +43,13 @@ def _groups(config: Mapping[str, object], key: str) -> list:
     return [g for g in str(config.get(key, "")).split(",") if g]
 
 
+def is_global_eval_round(server_round: int, eval_every: int) -> bool:
+    """Whether the global model received in ``server_round`` (the aggregate of round
+    ``server_round - 1``) is validated: the aggregates of rounds ``eval_every``,
+    ``2 * eval_every``, ...; the last aggregate is validated by the final evaluate message."""
+    return server_round > 1 and (server_round - 1) % eval_every == 0
+
+
 def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:
     """``base_lr * (1 - step/total) ** power``, clamped at 0 past the budget."""
     return base_lr * max(0.0, 1.0 - step / max(total, 1)) ** power
@@ -73,6 +81,7 @@ class SiteTrainer:
         form = cfg.label_form or None
         common = dict(task=self.task, site=cid, val_fraction=cfg.val_fraction, seed=cfg.seed)
         self.train_set = SiteDataset(cfg.root_path, split="train", label_form=form, augment=True,
+                                     rotate_order=cfg.rotate_order, rotate_fill=cfg.rotate_fill,
                                      **common)
         self.val_set = SiteDataset(cfg.root_path, split="val", **common)
         self.model = build_for_run(cfg, cid).to(self.device)
@@ -80,9 +89,9 @@ class SiteTrainer:
             procedure=cfg.procedure, lambda_tree=cfg.lambda_tree, lambda_crf=cfg.lambda_crf,
             alpha=cfg.alpha, sigma_low=cfg.tree_sigma_low, sigma_high=cfg.tree_sigma_high,
             crf_sigma_xy=cfg.crf_sigma_xy, crf_sigma_rgb=cfg.crf_sigma_rgb,
-            crf_radius=cfg.crf_radius, crf_downsample=cfg.crf_downsample))
-        self.optimizer = torch.optim.AdamW(self.model.parameters(), lr=cfg.base_lr,
-                                           weight_decay=cfg.weight_decay)
+            crf_radius=cfg.crf_radius, crf_downsample=cfg.crf_downsample,
+            tree_gray_as_rgb=cfg.tree_gray_as_rgb, sc_grad=cfg.sc_grad))
+        self.optimizer = self.new_optimizer()
         self.batches = InfiniteBatches(self.train_set, cfg.batch_size, seed=cfg.seed * 1000 + cid)
         self.rule = build_rule(cfg.strategy, cfg)
         self.step = 0
@@ -90,6 +99,11 @@ class SiteTrainer:
         self.best_val = -1.0
         self.total_steps = cfg.rounds * cfg.iters
         self._writer = None
+
+    def new_optimizer(self) -> torch.optim.Optimizer:
+        """AdamW over every parameter with no state (the reference builds one every round)."""
+        return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.base_lr,
+                                 weight_decay=self.cfg.weight_decay)
 
     # ------------------------------------------------------------------ paths and logging
     @property
@@ -217,8 +231,14 @@ class SiteTrainer:
         # round exactly (dropout inside adaptive aggregation draws from this stream).
         torch.manual_seed(self.cfg.seed * 1_000_003 + self.cid * 10_007 + 7 * server_round + 1)
         shared = self.keys(_groups(config, "share-include"), _groups(config, "share-exclude"))
+        global_metrics = {}
+        if config.get("validate-global") and is_global_eval_round(server_round, self.cfg.eval_every):
+            global_metrics = self.validate_global(arrays, shared)
         self.rule.receive(self, arrays, shared, server_round)
+        if self.cfg.reset_optimizer:
+            self.optimizer = self.new_optimizer()
         metrics = self.rule.local_train(self, server_round)
+        metrics.update(global_metrics)
         self.rounds_done = server_round
         is_last = server_round >= self.cfg.rounds
         if server_round % self.cfg.eval_every == 0 or is_last:
@@ -232,12 +252,32 @@ class SiteTrainer:
         metrics["cid"] = float(self.cid)
         return self.state_of(shared), metrics
 
-    def evaluate(self) -> Dict[str, float]:
-        """Validation Dice of the current personalised model."""
+    def evaluate(self, arrays: Optional[Mapping[str, np.ndarray]] = None,
+                 config: Optional[Mapping[str, object]] = None) -> Dict[str, float]:
+        """Validation Dice of the current personalised model and, when the config asks for it
+        (``validate-global``), of the received global ``arrays``."""
         score, per_target = validate(self.model, self.val_set, self.cid, self.device, img_size=self.cfg.img_size)
         metrics = {"val_dice": score, "num-examples": float(len(self.val_set)), "cid": float(self.cid)}
         metrics.update({f"val_dice_{k}": v for k, v in per_target.items()})
+        config = config or {}
+        if config.get("validate-global") and arrays:
+            shared = self.keys(_groups(config, "share-include"), _groups(config, "share-exclude"))
+            metrics.update(self.validate_global(arrays, shared))
         return metrics
+
+    def validate_global(self, arrays: Mapping[str, np.ndarray], shared: Iterable[str]
+                        ) -> Dict[str, float]:
+        """Validation Dice of the received global model (``arrays`` loaded into a copy of the
+        local model for the ``shared`` keys), the model a global method deploys."""
+        own = self.model
+        self.model = copy.deepcopy(own)
+        try:
+            self.load_arrays(arrays, shared)
+            score, _ = validate(self.model, self.val_set, self.cid, self.device,
+                                img_size=self.cfg.img_size)
+        finally:
+            self.model = own
+        return {"val_dice_global": score}
 
     def validate_and_checkpoint(self, server_round: int, log_images: bool) -> Dict[str, float]:
         score, per_target = validate(self.model, self.val_set, self.cid, self.device, img_size=self.cfg.img_size)

@@ -27,7 +27,7 @@ import torch
 from torch.utils.data import DataLoader, Dataset
 
 from . import h5layout
-from .augment import random_augment
+from .augment import IMAGE_ORDERS, random_augment
 from .tasks import FULL_FORM, Task, get_task, label_key
 
 SPLIT_NAMES = ("train", "val", "test")
@@ -176,6 +176,11 @@ class SiteDataset(Dataset):
         Form returned as ``label``; ``None`` picks the split's default (module docstring).
     augment : bool
         Apply :func:`dataloaders.augment.random_augment` to every sample.
+    rotate_order : int
+        Spline order of the image in the free rotation (0, nearest, as the reference).
+    rotate_fill : float
+        Image value rotated in from outside; negative (default) takes the task's reference
+        fill ``task.rotate_fill`` (FAZ 0.8, fundus 0).
     val_fraction : float
         Fraction of the train folder held out for validation.
     seed : int
@@ -201,10 +206,16 @@ class SiteDataset(Dataset):
         val_fraction: float = 0.2,
         seed: int = 2022,
         preload: bool = True,
+        rotate_order: int = 0,
+        rotate_fill: float = -1.0,
     ) -> None:
         if split not in SPLIT_NAMES:
             raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
         self.task = get_task(task) if isinstance(task, str) else task
+        if rotate_order not in IMAGE_ORDERS or isinstance(rotate_order, bool):
+            raise ValueError(f"rotate_order must be one of {IMAGE_ORDERS}, got {rotate_order!r}")
+        self.rotate_order = int(rotate_order)
+        self.rotate_fill = float(self.task.rotate_fill if rotate_fill < 0 else rotate_fill)
         self.site = site
         self.split = split
         self.augment = augment
@@ -262,7 +273,9 @@ class SiteDataset(Dataset):
         if self.augment:
             labels = (label,) if mask is None else (label, mask)
             image, labels = random_augment(image, labels, rng if rng is not None else self._aug_rng,
-                                           fill_label=self.task.unlabelled)
+                                           fill_label=self.task.unlabelled,
+                                           image_order=self.rotate_order,
+                                           image_fill=self.rotate_fill)
             label = labels[0]
             mask = labels[1] if mask is not None else None
         out: Dict[str, Any] = {

@@ -65,6 +65,10 @@ class Task:
     #: Label values of the published PNG release, indexed by label (last one = unlabelled).
     png_values: Tuple[int, ...] = ()
     synthetic_of: str = ""
+    #: Image value of pixels rotated in from outside by the free-rotation augmentation, as in
+    #: the reference (``random_rotate``): 0.8 for FAZ (bright, so the rotated-in corners do
+    #: not look like the dark avascular zone), 0 for fundus photographs.
+    rotate_fill: float = 0.0
 
     @property
     def num_classes(self) -> int:
@@ -121,6 +125,7 @@ FAZ = register_task(Task(
     sites=_FAZ_SITES,
     eval_targets=(EvalTarget("faz", (1,)),),
     png_values=(0, 127, 254),
+    rotate_fill=0.8,
 ))
 ODOC = register_task(Task(
     name="odoc",
@@ -135,12 +140,12 @@ ODOC = register_task(Task(
 SYNTHETIC_FAZ = register_task(Task(
     name="synthetic_faz", in_chns=1, class_names=FAZ.class_names, image_size=256,
     sites=FAZ.sites, eval_targets=FAZ.eval_targets, png_values=FAZ.png_values,
-    synthetic_of="faz",
+    synthetic_of="faz", rotate_fill=FAZ.rotate_fill,
 ))
 SYNTHETIC_ODOC = register_task(Task(
     name="synthetic_odoc", in_chns=3, class_names=ODOC.class_names, image_size=384,
     sites=ODOC.sites, eval_targets=ODOC.eval_targets, png_values=ODOC.png_values,
-    synthetic_of="odoc",
+    synthetic_of="odoc", rotate_fill=ODOC.rotate_fill,
 ))
 
 

@@ -21,6 +21,11 @@ Reference-code aliases: ``flower_pCE_2D_GateCRFMsacleTreeEnergyLoss_Ours`` ->
 A term is computed only when its weight is non-zero; the site term only when the network
 returns gates (``out.gates is not None``); the tree term needs auxiliary heads.
 The unlabelled label value is the number of classes (``out.logits.shape[1]``).
+
+Reference-fidelity switches (:class:`ObjectiveConfig`): ``tree_gray_as_rgb`` builds the image
+tree of 1-channel images as if repeated to 3 channels (the reference's FAZ input);
+``sc_grad=False`` computes the site term under ``torch.no_grad`` as the reference does (value
+logged and added to ``total`` as a constant, no gradient).
 """
 from __future__ import annotations
 
@@ -83,6 +88,11 @@ class ObjectiveConfig:
     crf_sigma_rgb: float = 0.1
     crf_radius: int = 5
     crf_downsample: int = 1
+    #: Image tree of 1-channel images as if repeated to 3 channels (the reference's FAZ input).
+    tree_gray_as_rgb: bool = True
+    #: Site term trains the gates (True) or is only computed and logged, as the reference
+    #: does under ``torch.no_grad`` (False; its weighted value still enters ``total``).
+    sc_grad: bool = True
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "procedure", resolve_procedure(self.procedure))
@@ -172,6 +182,7 @@ class WeakObjective:
                 unlabelled,
                 sigma_low=c.sigma_low,
                 sigma_high=c.sigma_high,
+                gray_as_rgb=c.tree_gray_as_rgb,
             )
         if "crf" in weights:
             values["crf"] = gated_crf_loss(
@@ -183,7 +194,7 @@ class WeakObjective:
                 downsample=c.crf_downsample,
             )
         if "sc" in weights and out.gates is not None:
-            values["sc"] = site_contrastive_loss(model, out, site, num_sites)
+            values["sc"] = site_contrastive_loss(model, out, site, num_sites, grad=c.sc_grad)
         weights = {k: weights[k] for k in values}
         total = sum(weights[k] * v for k, v in values.items())
         floats = torch.stack([v.detach().float() for v in values.values()]).tolist()

@@ -12,7 +12,8 @@ from torch import Tensor, nn
 from networks.outputs import SegOutput
 
 
-def site_contrastive_loss(model: nn.Module, out: SegOutput, site: int, num_sites: int) -> Tensor:
+def site_contrastive_loss(model: nn.Module, out: SegOutput, site: int, num_sites: int,
+                          grad: bool = True) -> Tensor:
     """Push the own site's gate away from the gates the other site codes would give.
 
     .. math::
@@ -34,12 +35,18 @@ def site_contrastive_loss(model: nn.Module, out: SegOutput, site: int, num_sites
     site:
         Own site index k in ``[0, num_sites - 1]`` (site 0 is an ordinary site).
     num_sites:
-        K. With K == 1 the loss is 0 (attached to ``out.gates``).
+        K. With K == 1 the loss is 0 (attached to ``out.gates`` when ``grad``).
+    grad:
+        True: the loss trains the gates (this project's default). False: the reference's
+        behaviour, which evaluates the whole term under ``torch.no_grad``: the same value, but
+        a constant without graph, so its weight ``alpha`` changes the logged total and never
+        the training.
 
     Returns
     -------
     Tensor
-        Scalar (<= 0); gradient reaches only ``out.gates`` (hence the PCS and encoder).
+        Scalar (<= 0); with ``grad`` the gradient reaches only ``out.gates`` (hence the PCS
+        and encoder), without it the tensor has no graph.
     """
     if out.gates is None or out.features is None:
         raise ValueError("site_contrastive_loss needs out.gates and out.features (unet_lc* networks)")
@@ -48,6 +55,9 @@ def site_contrastive_loss(model: nn.Module, out: SegOutput, site: int, num_sites
     if isinstance(site, bool) or int(site) != site or not 0 <= site < num_sites:
         raise ValueError(f"site must be an integer in [0, {num_sites - 1}], got {site}")
     site = int(site)
+    if not grad:
+        with torch.no_grad():
+            return site_contrastive_loss(model, out, site, num_sites, grad=True)
     own = out.gates
     if num_sites == 1:
         return own.sum() * 0.0

@@ -18,7 +18,7 @@ from torch import Tensor, nn
 
 from losses.tree_filter import tree_filter
 
-__all__ = ["multiscale_tree_energy_loss", "MultiscaleTreeEnergyLoss"]
+__all__ = ["multiscale_tree_energy_loss", "MultiscaleTreeEnergyLoss", "low_level_guide"]
 
 IMAGE_COST_OFFSET = 1.0
 """The reference builds the image tree on ``|dI|^2 + 1`` (the offset does not change the
@@ -36,6 +36,7 @@ def multiscale_tree_energy_loss(
     sigma_low: float = 0.02,
     sigma_high: float = 1.0,
     backend: str = "torch",
+    gray_as_rgb: bool = False,
 ) -> Tensor:
     """Multiscale tree energy loss.
 
@@ -72,6 +73,10 @@ def multiscale_tree_energy_loss(
         Scale of the auxiliary trees' weights.
     backend : {"torch", "scipy"}
         Tree filter implementation, see :func:`losses.tree_filter.tree_filter`.
+    gray_as_rgb : bool
+        Build the image tree of a 1-channel image as if the image were repeated to 3 channels,
+        as the reference does for FAZ (edge weights ``exp(-3 |dI|^2 / sigma_low)``; the tree
+        itself is the same). Images with other channel counts are used as given.
 
     Returns
     -------
@@ -89,7 +94,8 @@ def multiscale_tree_energy_loss(
     # its channel of ones (see tree_filter's ``simplex``; same values and, through the
     # softmax, same gradients).
     simplex = bool(((probs.detach().sum(1) - 1).abs() <= _SIMPLEX_TOLERANCE).all())
-    filtered = tree_filter(probs, image, sigma_low, IMAGE_COST_OFFSET, backend, simplex)
+    guide = low_level_guide(image, gray_as_rgb)
+    filtered = tree_filter(probs, guide, sigma_low, IMAGE_COST_OFFSET, backend, simplex)
     for logits in aux_logits:
         if logits.shape[2:] != (height, width):
             logits = F.interpolate(logits, size=(height, width), mode="bilinear", align_corners=False)
@@ -97,6 +103,28 @@ def multiscale_tree_energy_loss(
     mask = (label == unlabelled).to(probs.dtype)
     distance = (probs - filtered).abs().sum(dim=1)
     return (distance * mask).sum() / mask.sum().clamp(min=1.0)
+
+
+def low_level_guide(image: Tensor, gray_as_rgb: bool = False) -> Tensor:
+    """Guide of the image tree.
+
+    Parameters
+    ----------
+    image : Tensor
+        ``(B, C, H, W)`` input image.
+    gray_as_rgb : bool
+        Repeat a 1-channel image to 3 channels (the reference feeds FAZ images to the tree
+        energy loss as ``image.repeat(1, 3, 1, 1)``), which triples every squared intensity
+        difference of the MST edge costs.
+
+    Returns
+    -------
+    Tensor
+        ``(B, 3, H, W)`` when ``gray_as_rgb`` and ``C == 1``, else ``image`` itself.
+    """
+    if gray_as_rgb and image.dim() == 4 and image.shape[1] == 1:
+        return image.repeat(1, 3, 1, 1)
+    return image
 
 
 class MultiscaleTreeEnergyLoss(nn.Module):
@@ -110,24 +138,31 @@ class MultiscaleTreeEnergyLoss(nn.Module):
         Scale of the auxiliary trees' weights.
     backend : {"torch", "scipy"}
         Tree filter implementation.
+    gray_as_rgb : bool
+        Image tree of 1-channel images as if repeated to 3 channels (see
+        :func:`low_level_guide`).
     """
 
-    def __init__(self, sigma_low: float = 0.02, sigma_high: float = 1.0, backend: str = "torch") -> None:
+    def __init__(self, sigma_low: float = 0.02, sigma_high: float = 1.0, backend: str = "torch",
+                 gray_as_rgb: bool = False) -> None:
         super().__init__()
         self.sigma_low = sigma_low
         self.sigma_high = sigma_high
         self.backend = backend
+        self.gray_as_rgb = gray_as_rgb
 
     def forward(
         self, probs: Tensor, image: Tensor, aux_logits: Sequence[Tensor], label: Tensor, unlabelled: int
     ) -> Tensor:
         """See :func:`multiscale_tree_energy_loss` for the shapes."""
         return multiscale_tree_energy_loss(
-            probs, image, aux_logits, label, unlabelled, self.sigma_low, self.sigma_high, self.backend
+            probs, image, aux_logits, label, unlabelled, self.sigma_low, self.sigma_high, self.backend,
+            self.gray_as_rgb,
         )
 
     def extra_repr(self) -> str:
-        return f"sigma_low={self.sigma_low}, sigma_high={self.sigma_high}, backend={self.backend!r}"
+        return (f"sigma_low={self.sigma_low}, sigma_high={self.sigma_high}, backend={self.backend!r}, "
+                f"gray_as_rgb={self.gray_as_rgb}")
 
 
 def _check_inputs(probs: Tensor, image: Tensor, aux_logits: Sequence[Tensor], label: Tensor) -> None:

@@ -132,7 +132,10 @@ def test_rotate_aligns_and_fills(angle):
     assert inside.mean() > 0.5 and (~inside).any()
     assert np.array_equal(out[0][inside], lab[inside].astype(np.float32))
     assert (out[0][~inside] == 0).all()
-    smooth, _ = rotate(image / 2, [label], angle, fill_label=3)  # order 1 stays within range
+    filled, _ = rotate(image, [label], angle, fill_label=3, image_fill=0.8)  # nearest by default
+    assert np.array_equal(filled[0][inside], out[0][inside])
+    assert (filled[0][~inside] == np.float32(0.8)).all()
+    smooth, _ = rotate(image / 2, [label], angle, fill_label=3, image_order=1)  # stays within range
     assert smooth.min() >= 0 and smooth.max() <= 1
 
 

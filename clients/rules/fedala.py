@@ -1,12 +1,28 @@
-"""FedALA (Zhang et al., AAAI 2023): adaptive local aggregation of the decoder side.
+"""Adaptive local aggregation rule (FedALA, Zhang et al., AAAI 2023), used by FedICRA and FedALA.
 
-Lower layers (encoder, PCS) are taken from the global model; every decoder-side parameter is
-blended element-wise with learned weights (:class:`clients.ala.AdaptiveAggregator`). Buffers of
-the blended layers (BatchNorm running statistics) stay local, as in FedALA.
+Which shared tensors are blended element-wise with learned weights
+(:class:`clients.ala.AdaptiveAggregator`) and which are copied from the global model is set by
+``ala_layer_idx``:
+
+- ``0`` (FedICRA): every decoder-side parameter (``decoder``, ``out_conv``, ``aux`` groups) is
+  blended; the encoder and PCS, parameters and buffers, come from the global model; buffers of
+  the decoder side (BatchNorm running statistics) stay local.
+- ``N > 0`` (FedALA's ``layer_idx``): the last N tensors of ``model.named_parameters()`` are
+  blended (for ``unet`` and N = 2: ``out_conv.weight`` and ``out_conv.bias``); every other
+  shared *parameter* is copied from the global model. Every buffer stays local. This follows
+  FedALA's code: its ALA module reads and writes ``model.parameters()`` only, and its server
+  averages ``parameters()`` only, so BatchNorm statistics never leave or enter a client there.
+  Our server does average the shared buffers; a FedALA site ignores them.
+
+The learning data of one call are a random ``ala_rand_percent`` subset of the site's training
+cases drawn once per call (seeded by run, site and round) and passed through in the same order
+every epoch, as FedALA's fixed window. The first round (and every round up to
+``ala_warmup_rounds``) copies the global model without blending, where FedALA skips ALA
+because the local model still equals the global one.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping
+from typing import Dict, List, Mapping, Sequence, Tuple
 
 import numpy as np
 import torch
@@ -16,6 +32,42 @@ from losses.pce import partial_cross_entropy
 from ..ala import AdaptiveAggregator
 from ..registry import register_rule
 from .base import DECODER_GROUPS, LocalRule
+
+
+def split_shared(param_names: Sequence[str], shared: Sequence[str], layer_idx: int,
+                 decoder: Sequence[str]) -> Tuple[List[str], List[str]]:
+    """Split the shared keys into blended parameters and keys copied from the global model.
+
+    Parameters
+    ----------
+    param_names : sequence of str
+        ``model.named_parameters()`` names in order (buffers are not parameters).
+    shared : sequence of str
+        State-dict keys received from the server (parameters and buffers).
+    layer_idx : int
+        0: blend the ``decoder`` parameters; N > 0: blend the last N of ``param_names``.
+    decoder : sequence of str
+        Keys of the decoder-side groups (used when ``layer_idx == 0``).
+
+    Returns
+    -------
+    blended, direct : list of str
+        Shared parameters to blend, and shared keys to copy from the global model. Keys in
+        neither list keep their local value (decoder buffers for ``layer_idx == 0``; every
+        buffer for ``layer_idx > 0``).
+    """
+    if layer_idx < 0:
+        raise ValueError(f"ala_layer_idx must be >= 0, got {layer_idx}")
+    params = set(param_names)
+    if layer_idx == 0:
+        decoder_set = set(decoder)
+        blend_set = decoder_set & params
+        direct = [k for k in shared if k not in decoder_set]
+    else:
+        blend_set = set(list(param_names)[-layer_idx:])
+        direct = [k for k in shared if k in params and k not in blend_set]
+    blended = [k for k in shared if k in blend_set]
+    return blended, direct
 
 
 @register_rule("FedALA")
@@ -32,11 +84,13 @@ class FedALARule(LocalRule):
         if trainer.rounds_done == 0 or server_round <= self.cfg.ala_warmup_rounds:
             trainer.load_arrays(arrays, shared)
             return
-        params = dict(trainer.model.named_parameters())
-        decoder = set(trainer.keys(DECODER_GROUPS))
-        blended = [k for k in shared if k in decoder and k in params]
-        direct = [k for k in shared if k not in decoder]
+        names = [n for n, _ in trainer.model.named_parameters()]
+        blended, direct = split_shared(names, shared, self.cfg.ala_layer_idx,
+                                       trainer.keys(DECODER_GROUPS))
         trainer.load_arrays(arrays, direct)
+        self.last_losses = []
+        if not blended:
+            return
         global_params = {k: torch.as_tensor(np.asarray(arrays[k])) for k in blended}
         unlabelled = trainer.task.unlabelled
 
@@ -44,10 +98,11 @@ class FedALARule(LocalRule):
             logits = model(batch["image"], site=trainer.cid).logits
             return partial_cross_entropy(logits, batch["label"], ignore_index=unlabelled)
 
+        # One subset per call, the same batches in the same order every epoch (FedALA).
         seed = self.cfg.seed * 7919 + trainer.cid * 131 + server_round
         self.last_losses = self.ala.blend(
             trainer.model, global_params, pce,
-            lambda epoch: trainer.sample_batches(self.cfg.ala_rand_percent, seed + 100_003 * epoch))
+            lambda epoch: trainer.sample_batches(self.cfg.ala_rand_percent, seed))
 
     def state_dict(self) -> Dict[str, object]:
         return {"ala": self.ala.state_dict()}
