@@ -75,6 +75,7 @@ class RunConfig:
     ala_rand_percent: float = 0.8
     ala_warmup_rounds: int = 1
     ala_max_epochs: int = 20  # 0: no cap (FedALA and the reference loop until the rule stops)
+    ala_w_init: float = 1.0  # initial W: 1 starts from the global model (FedALA), 0 from the local one (the reference)
     ala_layer_idx: int = 0  # 0: blend the decoder side (FedICRA); N > 0: the top N parameter tensors (FedALA)
     # FedProx
     prox_mu: float = 0.01
@@ -114,6 +115,7 @@ class RunConfig:
             (self.eval_every >= 1, "eval_every must be >= 1"),
             (self.rotate_order in (0, 1, 3), "rotate_order must be 0, 1 or 3"),
             (self.ala_layer_idx >= 0, "ala_layer_idx must be >= 0"),
+            (0.0 <= self.ala_w_init <= 1.0, "ala_w_init must lie in [0, 1]"),
             (self.ala_max_epochs >= 0, "ala_max_epochs must be >= 0"),
         ]
         for ok, message in checks:

@@ -2,6 +2,8 @@
 stopping rule and ``layer_idx``, and the site term without gradient."""
 from __future__ import annotations
 
+import copy
+
 import numpy as np
 import pytest
 import torch
@@ -327,3 +329,39 @@ def test_site_contrastive_loss_without_grad_has_the_same_value_and_no_graph():
     assert without.item() == with_grad.item()
     expected = -sum(F.mse_loss(out.gates, model.site_gates(out.features, j)) for j in (0, 2)) / 2
     assert without.item() == pytest.approx(expected.item(), rel=1e-6)
+
+
+def test_w_init_zero_is_the_references_swapped_parametrisation():
+    """theta = L + (G - L) W with W from 0 follows exactly the reference's
+    theta = G + (L - G) W' with W' from 1 (W = 1 - W'), step for step."""
+    from clients.ala import AdaptiveAggregator
+
+    torch.manual_seed(0)
+    model = torch.nn.Sequential(torch.nn.Linear(4, 3), torch.nn.Linear(3, 2))
+    local = {n: p.detach().clone() for n, p in model.named_parameters()}
+    glob = {n: v + torch.randn_like(v) for n, v in local.items()}
+    batches = [(torch.randn(5, 4), torch.randint(0, 2, (5,))) for _ in range(3)]
+
+    def loss_fn(m, batch):
+        return torch.nn.functional.cross_entropy(m(batch[0]), batch[1])
+
+    ala = AdaptiveAggregator(eta=0.5, w_init=0.0, max_epochs=1)
+    ala.start_phase = False
+    ala.blend(model, glob, loss_fn, lambda epoch: batches)
+    # the reference: W' = 1 at the start, theta = G + (L - G) W', W' <- clip(W' - eta g (L - G))
+    w_ref = {n: torch.ones_like(v) for n, v in local.items()}
+    probe = copy.deepcopy(model)
+    params = dict(probe.named_parameters())
+    with torch.no_grad():
+        for n in params:
+            params[n].copy_(glob[n] + (local[n] - glob[n]) * w_ref[n])
+    for batch in batches:
+        probe.zero_grad()
+        loss_fn(probe, batch).backward()
+        with torch.no_grad():
+            for n in params:
+                w_ref[n] = torch.clamp(w_ref[n] - 0.5 * params[n].grad * (local[n] - glob[n]), 0, 1)
+                params[n].copy_(glob[n] + (local[n] - glob[n]) * w_ref[n])
+    for n, p in model.named_parameters():
+        torch.testing.assert_close(p.detach(), params[n].detach(), rtol=1e-6, atol=1e-6)
+        torch.testing.assert_close(ala.weights[n], 1 - w_ref[n], rtol=1e-6, atol=1e-6)

@@ -76,7 +76,7 @@ class FedALARule(LocalRule):
         super().__init__(cfg)
         self.ala = AdaptiveAggregator(eta=cfg.ala_eta, threshold=cfg.ala_threshold,
                                       num_pre_loss=cfg.ala_num_pre_loss,
-                                      max_epochs=cfg.ala_max_epochs)
+                                      max_epochs=cfg.ala_max_epochs, w_init=cfg.ala_w_init)
         self.last_losses: List[float] = []
 
     def receive(self, trainer, arrays: Mapping[str, np.ndarray], shared: List[str],
