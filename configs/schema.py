@@ -76,6 +76,8 @@ class RunConfig:
     ala_warmup_rounds: int = 1
     ala_max_epochs: int = 20  # 0: no cap (FedALA and the reference loop until the rule stops)
     ala_w_init: float = 1.0  # initial W: 1 starts from the global model (FedALA), 0 from the local one (the reference)
+    ala_groups: str = "decoder,out_conv,aux"  # blended groups when ala_layer_idx = 0 (reference: decoder,out_conv)
+    ala_global_buffers: bool = False  # blended layers' BatchNorm statistics from the global model (reference: true)
     ala_layer_idx: int = 0  # 0: blend the decoder side (FedICRA); N > 0: the top N parameter tensors (FedALA)
     # FedProx
     prox_mu: float = 0.01

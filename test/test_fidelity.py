@@ -237,6 +237,27 @@ def test_split_shared_by_layer_idx():
     blended, direct = split_shared(names, shared, 0, decoder)
     assert set(blended) == set(decoder) & set(names)
     assert set(direct) == set(shared) - set(decoder)
+    # the reference also takes the blended layers' BatchNorm statistics from the global model
+    blended_ref, direct_ref = split_shared(names, shared, 0, decoder, global_buffers=True)
+    assert blended_ref == blended
+    assert set(direct_ref) == set(shared) - set(blended)
+    assert any("running_mean" in k for k in set(direct_ref) - set(direct))
+
+
+def test_ala_groups_choose_what_fedicra_blends(tiny_federation, tmp_path):
+    """The reference blends the decoder's up blocks and the head, not the auxiliary heads."""
+    cfg = tiny_run_config(tiny_federation, tmp_path, ala_groups="decoder,out_conv", ala_eta=50.0)
+    t = SiteTrainer(cfg, cid=1)
+    keys = list(t.model.state_dict())
+    t.train(t.state_of(keys), {"server-round": 1, "share-include": ALL})
+    local = t.state_of(keys)
+    glob = {k: v + 0.5 if v.dtype.kind == "f" else v for k, v in local.items()}
+    t.rule.receive(t, glob, keys, 2)
+    after = t.state_of(keys)
+    aux = [k for k in keys if k.startswith("aux_heads.")]
+    assert aux and all(np.array_equal(after[k], glob[k]) for k in aux if "running" not in k)
+    assert set(t.rule.ala.weights) == {k for k in t.keys(["decoder", "out_conv"])
+                                      if k in dict(t.model.named_parameters())}
 
 
 def _fedala_trainer(tiny_federation, tmp_path, **overrides):

@@ -31,11 +31,12 @@ from losses.pce import partial_cross_entropy
 
 from ..ala import AdaptiveAggregator
 from ..registry import register_rule
-from .base import DECODER_GROUPS, LocalRule
+from .base import LocalRule
 
 
 def split_shared(param_names: Sequence[str], shared: Sequence[str], layer_idx: int,
-                 decoder: Sequence[str]) -> Tuple[List[str], List[str]]:
+                 decoder: Sequence[str], global_buffers: bool = False
+                 ) -> Tuple[List[str], List[str]]:
     """Split the shared keys into blended parameters and keys copied from the global model.
 
     Parameters
@@ -47,7 +48,10 @@ def split_shared(param_names: Sequence[str], shared: Sequence[str], layer_idx: i
     layer_idx : int
         0: blend the ``decoder`` parameters; N > 0: blend the last N of ``param_names``.
     decoder : sequence of str
-        Keys of the decoder-side groups (used when ``layer_idx == 0``).
+        Keys of the blended groups (``ala_groups``; used when ``layer_idx == 0``).
+    global_buffers : bool
+        Also copy the buffers of the blended layers (BatchNorm statistics) from the global
+        model, as the reference FedICRA code does (it loads the whole global state first).
 
     Returns
     -------
@@ -62,10 +66,10 @@ def split_shared(param_names: Sequence[str], shared: Sequence[str], layer_idx: i
     if layer_idx == 0:
         decoder_set = set(decoder)
         blend_set = decoder_set & params
-        direct = [k for k in shared if k not in decoder_set]
+        direct = [k for k in shared if k not in decoder_set or (global_buffers and k not in params)]
     else:
         blend_set = set(list(param_names)[-layer_idx:])
-        direct = [k for k in shared if k in params and k not in blend_set]
+        direct = [k for k in shared if (k in params or global_buffers) and k not in blend_set]
     blended = [k for k in shared if k in blend_set]
     return blended, direct
 
@@ -85,8 +89,9 @@ class FedALARule(LocalRule):
             trainer.load_arrays(arrays, shared)
             return
         names = [n for n, _ in trainer.model.named_parameters()]
+        groups = [g for g in self.cfg.ala_groups.split(",") if g]
         blended, direct = split_shared(names, shared, self.cfg.ala_layer_idx,
-                                       trainer.keys(DECODER_GROUPS))
+                                       trainer.keys(groups), self.cfg.ala_global_buffers)
         trainer.load_arrays(arrays, direct)
         self.last_losses = []
         if not blended:
