@@ -25,7 +25,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m dataloaders.synthetic --task faz --out $(DEMO_DIR)/data_faz --size 96 \
 		--train-per-site 40 --test-per-site 10 --seed 2022
-	$(PY) flower_runner.py --config configs/synthetic_faz.toml --mode deployment
+	$(PY) flower_runner.py --config configs/synthetic_faz.toml --mode deployment --overwrite
 	$(PY) test_client.py --client all --exp synthetic_faz/FedICRA --out_root $(DEMO_DIR)/model --no_images
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/model/synthetic_faz/FedICRA/tb"
 

@@ -22,51 +22,113 @@ import sys
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Tuple
 
+import preflight
 from configs import RunConfig, config_dir, load_config, read_config_values, save_config
 
 log = logging.getLogger("fedicra")
 
-#: Flags that map one-to-one onto RunConfig fields (the seed README's names kept).
+def _strategies() -> str:
+    from strategies.registry import strategy_names
+    return ", ".join(strategy_names())
+
+
+def _networks() -> str:
+    from networks.registry import network_names
+    return ", ".join(network_names())
+
+
+def _procedures() -> str:
+    from losses.objective import procedure_names
+    return ", ".join(procedure_names())
+
+
+def _tasks() -> str:
+    from dataloaders.tasks import task_names
+    return ", ".join(task_names())
+
+
+#: Flags that map one-to-one onto RunConfig fields (the seed README's names kept):
+#: name -> (type, help; a callable adds the valid names from its registry).
 _FLAGS = {
-    "port": int, "procedure": str, "exp": str, "base_lr": float, "img_class": str,
-    "model": str, "strategy": str, "alpha": float, "rep_iters": int, "root_path": str,
-    "rounds": int, "iters": int, "batch_size": int, "img_size": int, "num_clients": int,
-    "seed": int, "mode": str, "out_root": str, "base_channels": int, "eval_every": int,
+    "strategy": (str, ("federated method (default FedICRA; sets its own network, objective "
+                       "and hyper-parameters)", _strategies)),
+    "model": (str, ("network (default: the strategy's)", _networks)),
+    "procedure": (str, ("training objective (default: the strategy's)", _procedures)),
+    "img_class": (str, ("task; also picks configs/<img_class>.toml when --config is not given",
+                        _tasks)),
+    "root_path": (str, "data root holding Domain1..DomainK/{train,test}/*.h5"),
+    "exp": (str, "experiment name: outputs go to <out_root>/<exp> (default <img_class>/<strategy>)"),
+    "out_root": (str, "folder holding the experiments (default model)"),
+    "rounds": (int, "federated rounds"),
+    "iters": (int, "local iterations per round"),
+    "rep_iters": (int, "FedICRA/FedRep: of the iters, how many train the body (the rest the head)"),
+    "batch_size": (int, "batch size per site"),
+    "base_lr": (float, "initial learning rate (poly decay over all local iterations)"),
+    "alpha": (float, "weight of the site-contrastive term"),
+    "img_size": (int, "training resolution in px, a multiple of 16 (0: the task's)"),
+    "num_clients": (int, "number of clients, one per site (at most the task's sites)"),
+    "seed": (int, "random seed of the whole run"),
+    "eval_every": (int, "validate every N rounds (and at the last)"),
+    "base_channels": (int, "width of the first U-Net stage"),
+    "mode": (str, ("deployment: real Flower processes on this machine; simulation: Flower's "
+                   "Simulation Engine", lambda: "deployment, simulation")),
+    "port": (int, "deployment: SuperLink port; SuperNodes and workers use the ports above it"),
 }
 
 
 SUBCOMMANDS = ("superlink", "site", "launch")
 
 
+def spellings(name: str) -> List[str]:
+    """``--base_lr`` and ``--base-lr`` (both accepted for every multi-word flag)."""
+    names = [f"--{name}"]
+    for variant in (name.replace("_", "-"), name.replace("-", "_")):
+        if f"--{variant}" not in names:
+            names.append(f"--{variant}")
+    return names
+
+
+def _help(spec) -> str:
+    if isinstance(spec, tuple):
+        text, names = spec
+        return f"{text}; one of: {names()}"
+    return spec
+
+
 def add_run_flags(p: argparse.ArgumentParser) -> None:
     """The flags that define a run (shared by the plain form and ``launch``)."""
-    p.add_argument("--config", type=Path, help="TOML run configuration (flags override it)")
-    for name, kind in _FLAGS.items():
-        p.add_argument(f"--{name}", type=kind, default=None)
+    p.add_argument("--config", type=Path,
+                   help="TOML run configuration (default configs/<img_class>.toml; flags override it)")
+    for name, (kind, spec) in _FLAGS.items():
+        p.add_argument(*spellings(name), dest=name, type=kind, default=None, help=_help(spec))
     p.add_argument("--gpus", type=int, nargs="*", default=None,
-                   help="GPU ids the clients are spread over (none: CPU)")
+                   help="GPU ids the clients are spread over, round-robin (none: CPU)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
-                   help="override any other configuration key, e.g. --set lambda_crf=0.2")
+                   help="override any other configuration key of configs/schema.py, "
+                        "e.g. --set lambda_crf=0.2")
+    p.add_argument("--overwrite", action="store_true",
+                   help="delete an earlier run in <out_root>/<exp> first (otherwise refused)")
     add_deploy_flags(p)
 
 
 def add_deploy_flags(p: argparse.ArgumentParser) -> None:
     """Flags of the deployment processes (ignored by the simulation)."""
-    p.add_argument("--poll-interval", type=float, default=0.1,
+    p.add_argument(*spellings("poll-interval"), dest="poll_interval", type=float, default=0.1,
                    help="deployment: seconds between Flower's internal polls (0: Flower's "
                         "stock 3 s / 1 s intervals)")
-    p.add_argument("--clientapp-exec", choices=("persistent", "subprocess"), default="persistent",
+    p.add_argument(*spellings("clientapp-exec"), dest="clientapp_exec",
+                   choices=("persistent", "subprocess"), default="persistent",
                    help="deployment: one long-lived ClientApp executor per SuperNode "
                         "(persistent) or Flower's default new process per message (subprocess)")
-    p.add_argument("--no-pack", dest="pack_arrays", action="store_false",
+    p.add_argument(*spellings("no-pack"), dest="pack_arrays", action="store_false",
                    help="deployment: send every array as its own Flower object (Flower's "
                         "default) instead of one packed array per message")
-    p.add_argument("--stop-timeout", type=float, default=10.0,
+    p.add_argument(*spellings("stop-timeout"), dest="stop_timeout", type=float, default=10.0,
                    help="deployment: seconds a child gets after SIGTERM before SIGKILL")
 
 
 def add_tls_client_flags(p: argparse.ArgumentParser) -> None:
-    p.add_argument("--root-certificates", default="",
+    p.add_argument(*spellings("root-certificates"), dest="root_certificates", default="",
                    help="CA certificate to verify the SuperLink's TLS certificate "
                         "(default: insecure, plain HTTP)")
 
@@ -87,12 +149,16 @@ def parse_subcommand(argv: List[str]) -> argparse.Namespace:
                       help="SuperLink HTTP port (Fleet, Control and ServerAppIo APIs)")
     link.add_argument("--host", default="127.0.0.1",
                       help="address to bind; 0.0.0.0 to accept sites from other machines")
-    link.add_argument("--out_dir", type=Path, default=Path("model") / "superlink",
+    link.add_argument(*spellings("out_dir"), dest="out_dir", type=Path, default=Path("model") / "superlink",
                       help="folder for logs, pids.json and FLWR_HOME")
-    link.add_argument("--ssl-certfile", default="")
-    link.add_argument("--ssl-keyfile", default="")
-    link.add_argument("--ssl-ca-certfile", default="")
-    link.add_argument("--enable-supernode-auth", action="store_true")
+    link.add_argument(*spellings("ssl-certfile"), dest="ssl_certfile", default="",
+                      help="TLS certificate of the SuperLink (PEM)")
+    link.add_argument(*spellings("ssl-keyfile"), dest="ssl_keyfile", default="",
+                      help="TLS private key of the SuperLink (PEM)")
+    link.add_argument(*spellings("ssl-ca-certfile"), dest="ssl_ca_certfile", default="",
+                      help="CA certificate that signed the SuperLink's certificate (PEM)")
+    link.add_argument(*spellings("enable-supernode-auth"), dest="enable_supernode_auth", action="store_true",
+                      help="accept only SuperNodes whose public keys are registered (needs TLS)")
     add_deploy_flags(link)
     site = sub.add_parser("site", help="start one hospital: its site worker and SuperNode")
     site.add_argument("--cid", type=int, required=True, help="client id (site index)")
@@ -102,15 +168,15 @@ def parse_subcommand(argv: List[str]) -> argparse.Namespace:
                       help="base port (default: the snapshot's); SuperNode on port + 1 + 2*cid, "
                            "worker on port + 2 + 2*cid")
     site.add_argument("--gpu", type=int, default=None, help="GPU id for this site (default CPU)")
-    site.add_argument("--root_path", help="this site's data root (default: the snapshot's)")
-    site.add_argument("--out_root", help="this site's output root (default: the snapshot's)")
-    site.add_argument("--auth-supernode-private-key", default="",
+    site.add_argument(*spellings("root_path"), dest="root_path", help="this site's data root (default: the snapshot's)")
+    site.add_argument(*spellings("out_root"), dest="out_root", help="this site's output root (default: the snapshot's)")
+    site.add_argument(*spellings("auth-supernode-private-key"), dest="auth_supernode_private_key", default="",
                       help="private key for SuperNode authentication (needs TLS)")
     add_tls_client_flags(site)
     add_deploy_flags(site)
     launch = sub.add_parser("launch", help="submit a run to a running SuperLink and stream it")
     launch.add_argument("--superlink", required=True, help="HOST:PORT of the SuperLink")
-    launch.add_argument("--dry-run", action="store_true",
+    launch.add_argument(*spellings("dry-run"), dest="dry_run", action="store_true",
                         help="only write the snapshot <out_root>/<exp>/config.toml (to copy to "
                              "the sites) and print its path")
     add_run_flags(launch)
@@ -162,7 +228,10 @@ def resolve_layers(args: argparse.Namespace) -> Tuple[RunConfig, Dict[str, str]]
     file_values = read_config_values(path) if path is not None else {}
     flags = flag_values(args)
     name = str(flags.get("strategy", file_values.get("strategy", RunConfig().strategy)))
-    strategy = strategy_class(name)
+    try:
+        strategy = strategy_class(name)
+    except ValueError as err:
+        raise preflight.PreflightError(f"--strategy: {err}") from None
     layers = [("strategy " + strategy.name, dict(strategy.defaults)),
               (str(path), file_values), ("command line", flags)]
     merged: Dict[str, object] = {}
@@ -257,10 +326,19 @@ def subcommand_main(argv: List[str]) -> int:
         if args.command == "site":
             opts = deploy_options(args, auth_private_key=args.auth_supernode_private_key)
             overrides = {k: getattr(args, k) for k in ("root_path", "out_root") if getattr(args, k)}
-            port = args.port if args.port is not None else load_config(args.config).port
+            snapshot = load_config(args.config).override(overrides, "site flags")
+            preflight.check_names(snapshot)
+            if not 0 <= args.cid < snapshot.num_clients:
+                raise preflight.PreflightError(f"--cid: {args.cid} is not a client of this run "
+                                               f"(0..{snapshot.num_clients - 1})")
+            counts = preflight.count_cases(snapshot, sites=[args.cid])
+            log.info("site %d data: %s", args.cid, preflight.describe_counts(counts))
+            port = args.port if args.port is not None else snapshot.port
             return launch.serve_site(args.config, args.cid, args.superlink, port, args.gpu, opts,
                                      overrides)
         cfg = absolute_paths(resolve_config(args))
+        preflight.check_run(cfg, data=False)  # the data lives on the sites
+        preflight.claim_output(cfg.out_dir, args.overwrite)
         save_config(cfg, cfg.out_dir / "config.toml")
         if args.dry_run:
             log.info("snapshot written: %s", (cfg.out_dir / "config.toml").resolve())
@@ -281,6 +359,8 @@ def main(argv: Optional[List[str]] = None) -> int:
         cfg, sources = resolve_layers(args)
         if cfg.mode == "deployment":
             cfg = absolute_paths(cfg)
+        counts = preflight.check_run(cfg)
+        preflight.claim_output(cfg.out_dir, args.overwrite)
     except (ValueError, FileNotFoundError) as err:
         log.error("error: %s", err)
         return 2
@@ -288,6 +368,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     out_dir.mkdir(parents=True, exist_ok=True)
     save_config(cfg, out_dir / "config.toml")
     log.info("%s -> %s", describe(cfg, sources), out_dir)
+    log.info("data: %s", preflight.describe_counts(counts))
     if cfg.mode == "simulation":
         run_simulation_mode(cfg)
     else:

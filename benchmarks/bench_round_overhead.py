@@ -73,7 +73,7 @@ def run_one(name: str, flags: List[str], args: argparse.Namespace, data: Path, o
            "--iters", str(args.iters), "--rep_iters", "1", "--batch_size", "2", "--procedure",
            "pce", "--set", "base_channels=4", "--set", "aux_channels=8", "--set",
            f"eval_every={args.rounds}", "--port", str(args.port), "--out_root", str(out),
-           "--exp", name, *flags]
+           "--exp", name, "--overwrite", *flags]
     metrics = out / name / "metrics.csv"
     done: Dict[int, float] = {}
     start = time.perf_counter()

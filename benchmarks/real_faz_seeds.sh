@@ -12,7 +12,7 @@ seeds=("${@:-2022 2023 2024}")
 run() {  # exp, extra flags...
     local exp=$1; shift
     local start=$SECONDS
-    "$PY" flower_runner.py --config configs/faz_cpu.toml --exp "$exp" "$@"
+    "$PY" flower_runner.py --config configs/faz_cpu.toml --exp "$exp" --overwrite "$@"
     echo "$exp: trained in $((SECONDS - start)) s"
     "$PY" test_client.py --client all --exp "$exp" --no_images
 }

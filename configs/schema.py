@@ -107,7 +107,8 @@ class RunConfig:
         checks = [
             (self.rounds >= 1, "rounds must be >= 1"),
             (self.iters >= 1, "iters must be >= 1"),
-            (0 <= self.rep_iters <= self.iters, "rep_iters must lie in [0, iters]"),
+            (0 <= self.rep_iters <= self.iters,
+             f"rep_iters = {self.rep_iters} must lie in [0, iters = {self.iters}]"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.num_clients >= 1, "num_clients must be >= 1"),
             (0.0 < self.val_fraction < 1.0, "val_fraction must lie in (0, 1)"),

@@ -1,0 +1,153 @@
+"""Checks a run configuration before any process starts, so a bad run fails in a second.
+
+Every check raises :class:`PreflightError` whose message starts with the flag or key at fault
+and says what was expected. Nothing is written. ``flower_runner.py`` calls :func:`check_run`
+in both modes, ``launch`` checks everything but the data (which lives on the sites) and
+``site`` checks its own data.
+"""
+from __future__ import annotations
+
+import os
+from pathlib import Path
+from typing import Dict, List, Optional, Sequence
+
+from configs import RunConfig
+
+
+class PreflightError(ValueError):
+    """A run configuration that cannot work; the message names the flag or key."""
+
+
+def _fail(key: str, message: str) -> None:
+    raise PreflightError(f"--{key}: {message}")
+
+
+def check_names(cfg: RunConfig) -> None:
+    """Task, strategy, network, objective and parameter groups exist and fit each other."""
+    from dataloaders.tasks import get_task
+    from losses.objective import PROCEDURES, resolve_procedure
+    from networks.groups import CROSS_GROUPS, PARTITION_GROUPS
+    from networks.registry import network_names
+    from strategies.registry import strategy_class
+
+    for key, lookup in (("img_class", get_task), ("strategy", strategy_class),
+                        ("procedure", resolve_procedure)):
+        try:
+            lookup(getattr(cfg, key))
+        except ValueError as err:
+            _fail(key, str(err))
+    if cfg.model not in network_names():
+        _fail("model", f"unknown network {cfg.model!r}; expected one of {', '.join(network_names())}")
+    task = get_task(cfg.img_class)
+    if cfg.num_clients > task.num_sites:
+        _fail("num_clients", f"{cfg.num_clients} clients but task {task.name!r} has "
+                             f"{task.num_sites} sites (one client per site)")
+    terms = PROCEDURES[resolve_procedure(cfg.procedure)]
+    if "tree" in terms and cfg.lambda_tree != 0 and "multihead" not in cfg.model:
+        _fail("procedure", f"{cfg.procedure!r} has the tree energy term, which needs a network "
+                           f"with auxiliary heads (*_multihead), not {cfg.model!r}")
+    if terms == {"pce", "sc"} and "_lc" not in cfg.model:
+        # (the full objective skips its site term on a network without gates, by design)
+        _fail("procedure", f"{cfg.procedure!r} is pCE plus the site-contrastive term, which "
+                           f"needs a network with site gates (unet_lc*), not {cfg.model!r}")
+    multiple = 32 if cfg.model == "efficient_unet" else 16
+    size = cfg.img_size or task.image_size
+    if size % multiple:
+        _fail("img_size", f"{size} px: network {cfg.model!r} needs a multiple of {multiple}")
+    groups = [g for g in cfg.ala_groups.split(",") if g]
+    unknown = [g for g in groups if g not in PARTITION_GROUPS + CROSS_GROUPS]
+    if unknown or not groups:
+        _fail("ala_groups", f"{cfg.ala_groups!r}: expected a comma-separated list of "
+                            f"{', '.join(PARTITION_GROUPS + CROSS_GROUPS)}")
+    try:
+        cfg.exp_name
+    except ValueError as err:
+        _fail("exp", str(err))
+
+
+def check_gpus(gpus: Sequence[int]) -> None:
+    """GPU ids are non-negative and, where CUDA is present, exist."""
+    bad = [g for g in gpus if g < 0]
+    if bad:
+        _fail("gpus", f"GPU ids must be >= 0, got {bad}")
+    if not gpus:
+        return
+    import torch
+
+    if torch.cuda.is_available():
+        count = torch.cuda.device_count()
+        missing = [g for g in gpus if g >= count]
+        if missing:
+            _fail("gpus", f"GPU ids {missing} do not exist: this machine has {count} "
+                          f"(ids 0..{count - 1})")
+
+
+def count_cases(cfg: RunConfig, sites: Optional[Sequence[int]] = None) -> Dict[int, Dict[str, int]]:
+    """Cases per site and split for ``sites`` (default: every site the run uses); fails naming
+    ``--root_path``."""
+    from dataloaders import h5layout
+
+    root = Path(cfg.root_path)
+    if not root.is_dir():
+        _fail("root_path", f"data root {root} does not exist (expected Domain1..Domain"
+                           f"{cfg.num_clients} inside; see docs/data.md to import or generate data)")
+    counts: Dict[int, Dict[str, int]] = {}
+    for site in range(cfg.num_clients) if sites is None else sites:
+        counts[site] = {}
+        for split in h5layout.SPLITS:
+            folder = h5layout.site_dir(root, site, split)
+            n = len(list(folder.glob("*.h5"))) if folder.is_dir() else 0
+            if n == 0:
+                _fail("root_path", f"{folder} holds no .h5 cases (site {site} of "
+                                   f"{cfg.num_clients} clients needs train and test cases)")
+            counts[site][split] = n
+        if round(counts[site]["train"] * cfg.val_fraction) < 1 or \
+                counts[site]["train"] - round(counts[site]["train"] * cfg.val_fraction) < 1:
+            _fail("val_fraction", f"{cfg.val_fraction} of site {site}'s "
+                                  f"{counts[site]['train']} training cases leaves an empty "
+                                  "training or validation split")
+    return counts
+
+
+def check_run(cfg: RunConfig, data: bool = True) -> Dict[int, Dict[str, int]]:
+    """All checks; returns the case counts per site (empty without ``data``)."""
+    check_names(cfg)
+    check_gpus(cfg.gpus)
+    return count_cases(cfg) if data else {}
+
+
+def describe_counts(counts: Dict[int, Dict[str, int]]) -> str:
+    return ", ".join(f"site {k}: {c['train']} train / {c['test']} test" for k, c in counts.items())
+
+
+# ---------------------------------------------------------------------- output folders
+#: What a run writes into its folder (``--overwrite`` removes exactly these).
+RUN_ENTRIES = ("config.toml", "metrics.csv", "pids.json", "tb", "test", "global", "logs",
+               "secrets", "flwr_home")
+
+
+def run_files(out_dir: Path) -> List[Path]:
+    """The entries of an earlier run in ``out_dir``."""
+    if not out_dir.is_dir():
+        return []
+    found = [out_dir / name for name in RUN_ENTRIES if (out_dir / name).exists()]
+    found += sorted(p for p in out_dir.glob("client*") if p.is_dir() and p.name[6:].isdigit())
+    return found
+
+
+def claim_output(out_dir: Path, overwrite: bool) -> None:
+    """Refuse a folder that holds a run unless ``overwrite``; then remove that run's files."""
+    import shutil
+
+    old = run_files(out_dir)
+    if not old:
+        return
+    if not overwrite:
+        _fail("exp", f"{out_dir} already holds a run ({', '.join(p.name for p in old[:4])}"
+                     f"{', ...' if len(old) > 4 else ''}); choose another --exp, or pass "
+                     "--overwrite to delete that run first")
+    for path in old:
+        if path.is_dir() and not path.is_symlink():
+            shutil.rmtree(path)
+        else:
+            os.remove(path)
