@@ -27,6 +27,7 @@ from configs import load_config
 from dataloaders.dataset import SiteDataset
 from dataloaders.tasks import get_task
 from clients.evaluation import predict
+from clients.overlay import overlay
 from clients.metrics import METRIC_NAMES, binary_metrics
 from networks.checkpoint import load_checkpoint
 from networks.factory import build_for_run
@@ -66,19 +67,15 @@ def _check(flag: str, given, expected) -> None:
 
 
 def save_outputs(folder: Path, case: str, image: np.ndarray, pred: np.ndarray,
-                 num_classes: int) -> None:
+                 truth: np.ndarray, num_classes: int) -> None:
+    """``<case>_pred.nii.gz`` (labels) and ``<case>_overlay.png`` (prediction tinted, ground
+    truth as a green contour)."""
     import SimpleITK as sitk
     from PIL import Image
 
     folder.mkdir(parents=True, exist_ok=True)
     sitk.WriteImage(sitk.GetImageFromArray(pred.astype(np.uint8)), str(folder / f"{case}_pred.nii.gz"))
-    grey = image.mean(axis=0) if image.ndim == 3 else image
-    rgb = np.repeat((np.clip(grey, 0, 1) * 255).astype(np.uint8)[..., None], 3, axis=2)
-    colours = np.array([[0, 0, 0], [255, 64, 64], [64, 255, 64], [64, 64, 255]], dtype=np.float32)
-    for c in range(1, num_classes):
-        m = pred == c
-        rgb[m] = (0.5 * rgb[m] + 0.5 * colours[c % len(colours)]).astype(np.uint8)
-    Image.fromarray(rgb).save(folder / f"{case}_overlay.png")
+    Image.fromarray(overlay(image, pred, truth, num_classes)).save(folder / f"{case}_overlay.png")
 
 
 def deployed_model(cfg) -> str:
@@ -191,7 +188,7 @@ def test_client(cfg, cid: int, root: str, checkpoint: str, out: Path, device: to
             rows.append(row)
         if images:
             save_outputs(out / f"client{cid}", sample["case"], sample["image"].numpy(), pred,
-                         task.num_classes)
+                         truth, task.num_classes)
     return rows
 
 

@@ -25,6 +25,7 @@ from networks.factory import build_for_run
 from networks.groups import select_keys
 
 from .evaluation import validate
+from .overlay import overlay
 from .registry import build_rule
 
 log = logging.getLogger("fedicra.client")
@@ -285,7 +286,7 @@ class SiteTrainer:
         for name, value in per_target.items():
             self.writer.add_scalar(f"val/dice_{name}", value, server_round)
         every = self.cfg.tb_images_every
-        if log_images or (every and server_round % every == 0):
+        if log_images or every == 0 or server_round % every == 0:
             self.log_predictions(server_round)
         if score > self.best_val:
             self.best_val = score
@@ -300,12 +301,11 @@ class SiteTrainer:
         if not samples:
             return
         image = torch.stack([s["image"] for s in samples]).to(self.device)
-        pred = predict(self.model, image, self.cid, self.cfg.img_size).float().cpu() / max(self.task.num_classes - 1, 1)
-        truth = torch.stack([s.get("mask", s["label"]) for s in samples]).float()
-        truth = truth.clamp(max=self.task.num_classes - 1) / max(self.task.num_classes - 1, 1)
-        grey = image.cpu().mean(dim=1)
-        panel = torch.cat([grey, truth, pred], dim=-1)[:, None]
-        self.writer.add_images("val/image_mask_prediction", panel, step)
+        pred = predict(self.model, image, self.cid, self.cfg.img_size).cpu().numpy()
+        pictures = [overlay(s["image"].numpy(), p, s.get("mask", s["label"]).numpy(),
+                            self.task.num_classes) for s, p in zip(samples, pred)]
+        self.writer.add_images("val/prediction_and_truth_contour", np.stack(pictures), step,
+                               dataformats="NHWC")
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> Dict[str, object]:

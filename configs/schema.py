@@ -83,7 +83,7 @@ class RunConfig:
     prox_mu: float = 0.01
     # validation, logging
     eval_every: int = 1
-    tb_images_every: int = 0  # 0: only at the last round
+    tb_images_every: int = 0  # TensorBoard predictions: 0 at every validation round; N: validation rounds divisible by N (and the last)
     # processes
     mode: str = "deployment"
     port: int = 8097

@@ -106,3 +106,30 @@ class RunReporter:
         for m in sorted(client_metrics, key=lambda m: m.get("cid", -1)):
             log.info("final validation | client %d | dice %.4f", int(m.get("cid", -1)),
                      m.get("val_dice", float("nan")))
+
+
+def summary_table(csv_path: Path) -> str:
+    """End-of-run table from metrics.csv: per client its best validation Dice and the round
+    it was reached (the personalised checkpoint), and the best mean Dice of the global model
+    where the method validates it (its row ``round r`` scores the aggregate of round r - 1)."""
+    best: Dict[int, tuple] = {}
+    global_means: Dict[int, List[float]] = {}
+    with open(csv_path, newline="") as f:
+        for row in csv.DictReader(f):
+            client, rnd = int(row["client"]), int(row["round"])
+            if row.get("val_dice"):
+                value = float(row["val_dice"])
+                if client not in best or value > best[client][0]:
+                    best[client] = (value, rnd)
+            if row.get("val_dice_global"):
+                global_means.setdefault(rnd - 1, []).append(float(row["val_dice_global"]))
+    lines = ["client | best validation Dice | round"]
+    lines += [f"{k:>6} | {v:.4f} | {r}" for k, (v, r) in sorted(best.items())]
+    if best:
+        lines.append(f"{'mean':>6} | {np.mean([v for v, _ in best.values()]):.4f} |")
+    if global_means:
+        rnd, value = max(((r, float(np.mean(v))) for r, v in global_means.items()),
+                         key=lambda item: item[1])
+        lines.append(f"global model: best mean validation Dice {value:.4f} (aggregate of round "
+                     f"{rnd}; the final aggregate is scored after the last round)")
+    return "\n".join(lines)
