@@ -273,13 +273,12 @@ def setup_logging() -> None:
     log.propagate = False
 
 
-def run_simulation_mode(cfg: RunConfig) -> None:
-    """All sites in Flower's Simulation Engine; clients spread over ``cfg.gpus`` (CPU if none)."""
+def run_simulation_mode(cfg: RunConfig, args: argparse.Namespace) -> int:
+    """All sites in Flower's Simulation Engine behind a local SuperLink (``flwr run``);
+    clients share ``cfg.gpus`` (CPU if none)."""
     import torch
-    from flwr.simulation import run_simulation
 
-    from clients.client_app import app as client_app
-    from strategies.server_app import make_server_app
+    from deployment.simulation import run_simulation
 
     num_gpus = 0.0
     if cfg.gpus and torch.cuda.is_available():
@@ -287,14 +286,7 @@ def run_simulation_mode(cfg: RunConfig) -> None:
         num_gpus = min(1.0, len(cfg.gpus) / cfg.num_clients)
     elif cfg.gpus:
         log.warning("--gpus %s given but CUDA is not available: training on the CPU", cfg.gpus)
-    backend_config = {
-        "client_resources": {"num_cpus": cfg.cpus_per_client, "num_gpus": num_gpus},
-        "init_args": {"num_cpus": os.cpu_count() or 1,
-                      "num_gpus": len(cfg.gpus) if num_gpus else 0,
-                      "logging_level": "error", "log_to_driver": True},
-    }
-    run_simulation(server_app=make_server_app(cfg), client_app=client_app,
-                   num_supernodes=cfg.num_clients, backend_config=backend_config)
+    return run_simulation(cfg, num_gpus, deploy_options(args))
 
 
 def deploy_options(args: argparse.Namespace, **extra):
@@ -357,8 +349,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     try:
         args = parse_args(argv)
         cfg, sources = resolve_layers(args)
-        if cfg.mode == "deployment":
-            cfg = absolute_paths(cfg)
+        cfg = absolute_paths(cfg)  # Flower's processes run in other folders
         counts = preflight.check_run(cfg)
         preflight.claim_output(cfg.out_dir, args.overwrite)
     except (ValueError, FileNotFoundError) as err:
@@ -369,19 +360,19 @@ def main(argv: Optional[List[str]] = None) -> int:
     save_config(cfg, out_dir / "config.toml")
     log.info("%s -> %s", describe(cfg, sources), out_dir)
     log.info("data: %s", preflight.describe_counts(counts))
-    if cfg.mode == "simulation":
-        run_simulation_mode(cfg)
-    else:
-        from deployment.launch import run_deployment
-        from deployment.processes import DeploymentError
+    from deployment.launch import run_deployment
+    from deployment.processes import DeploymentError
 
-        try:
+    try:
+        if cfg.mode == "simulation":
+            code = run_simulation_mode(cfg, args)
+        else:
             code = run_deployment(cfg, deploy_options(args))
-        except DeploymentError as err:
-            log.error("error: %s", err)
-            return 2
-        if code:
-            return code
+    except DeploymentError as err:
+        log.error("error: %s", err)
+        return 2
+    if code:
+        return code
     if (out_dir / "metrics.csv").is_file():
         from strategies.reporting import summary_table
 

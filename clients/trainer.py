@@ -245,6 +245,10 @@ class SiteTrainer:
         if server_round % self.cfg.eval_every == 0 or is_last:
             metrics.update(self.validate_and_checkpoint(server_round, is_last))
         self.save(self.client_dir / "latest.pt")
+        if self._writer is not None:
+            # every round's events on disk before the next round, which may run in another
+            # process of the Simulation Engine: one ordered stream per client
+            self._writer.flush()
         metrics["seconds"] = time.perf_counter() - start
         log.info("client %d round %d: loss %.4f, val dice %s, %.1f s", self.cid, server_round,
                  metrics.get("total", float("nan")),

@@ -64,7 +64,7 @@ class RunConfig:
     num_clients: int = 5
     rounds: int = 3000
     iters: int = 10
-    rep_iters: int = 3
+    rep_iters: int = 0  # FedICRA, FedRep: of the iters, the last rep_iters train the body (their default 3)
     batch_size: int = 12
     base_lr: float = 0.01
     weight_decay: float = 0.01

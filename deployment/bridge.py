@@ -67,9 +67,42 @@ def _config(msg: Message) -> Dict[str, Any]:
     return {} if record is None else dict(record.items())
 
 
+#: In-process sites of the simulation mode, by (config file, client id).
+_LOCAL_SITES: Dict[tuple, Any] = {}
+
+
+def local_site(context: Context):
+    """The site of this node trained in this process (simulation mode: the node config has no
+    worker, Flower's ``partition-id`` is the client id), built from the run's snapshot once
+    and kept for the next rounds. Imports torch only here."""
+    from configs import load_config
+
+    from .worker import SiteWorker
+
+    path = str(context.run_config.get("config-file", ""))
+    if not path:
+        raise ValueError("run config key 'config-file' is empty: submit with flower_runner.py")
+    cid = int(context.node_config["partition-id"])
+    key = (path, cid)
+    if key not in _LOCAL_SITES:
+        _LOCAL_SITES[key] = SiteWorker(load_config(path), cid)
+    return _LOCAL_SITES[key]
+
+
+def ask_site(context: Context, op: str, config: Mapping[str, Any],
+             arrays: Mapping[str, Any]) -> Dict[str, Any]:
+    """The node's persistent worker in deployment; the in-process site in simulation."""
+    if ADDRESS_KEY in context.node_config or "partition-id" not in context.node_config:
+        return ask_worker(context, op, config, arrays)
+    reply = local_site(context).handle({"op": op, "config": dict(config), "arrays": dict(arrays)})
+    if not reply.get("ok"):
+        raise RuntimeError(reply.get("error", f"{op} failed"))
+    return reply
+
+
 @app.train()
 def train(msg: Message, context: Context) -> Message:
-    reply = ask_worker(context, "train", _config(msg), _arrays(msg))
+    reply = ask_site(context, "train", _config(msg), _arrays(msg))
     if is_packed(msg.content.array_records.get("arrays")):
         arrays = pack_record(reply["arrays"])
     else:
@@ -80,6 +113,6 @@ def train(msg: Message, context: Context) -> Message:
 
 @app.evaluate()
 def evaluate(msg: Message, context: Context) -> Message:
-    reply = ask_worker(context, "evaluate", _config(msg), _arrays(msg))
+    reply = ask_site(context, "evaluate", _config(msg), _arrays(msg))
     return Message(content=RecordDict({"metrics": MetricRecord(reply["metrics"])}), reply_to=msg)
 

@@ -211,10 +211,13 @@ def _toml_string(value: str) -> str:
 
 # ---------------------------------------------------------------------- the parts
 def start_superlink(group: ProcessGroup, port: int, flwr_home: Path, opts: DeployOptions,
-                    name: str = "superlink") -> None:
-    """Start ``flower-superlink`` on ``opts.host:port`` and wait until it accepts connections."""
+                    name: str = "superlink", simulation: bool = False) -> None:
+    """Start ``flower-superlink`` on ``opts.host:port`` and wait until it accepts connections;
+    with ``simulation`` it runs the sites itself in Flower's Simulation Engine."""
     argv = [flower_command("flower-superlink"), "--host", opts.host, "--port", str(port),
             "--disable-runtime-dependency-installation"]
+    if simulation:
+        argv.append("--simulation")
     if opts.tls:
         argv += ["--ssl-certfile", opts.ssl_certfile, "--ssl-keyfile", opts.ssl_keyfile]
         if opts.ssl_ca_certfile:
@@ -358,7 +361,8 @@ def wait_site(group: ProcessGroup, site: Site, plan: PortPlan, opts: DeployOptio
 
 
 def submit_run(group: ProcessGroup, snapshot: Path, flwr_home: Path, opts: DeployOptions,
-               watch: Sequence[str] = (), stop_run: bool = False) -> int:
+               watch: Sequence[str] = (), stop_run: bool = False,
+               federation_config: str = "") -> int:
     """``flwr run`` the repository with ``snapshot``; stream its log; return 0 if it completed.
 
     While the log streams, the children named in ``watch`` must stay alive (else
@@ -370,6 +374,8 @@ def submit_run(group: ProcessGroup, snapshot: Path, flwr_home: Path, opts: Deplo
                   f"grid-poll-interval={grid_poll} pack-arrays={str(opts.pack_arrays).lower()}")
     argv = [flower_command("flwr"), "run", str(REPO), CONNECTION, "--stream",
             "--run-config", run_config]
+    if federation_config:
+        argv += ["--federation-config", federation_config]
     log.info("submitting: FLWR_HOME=%s %s", flwr_home,
              " ".join(a if " " not in a else repr(a) for a in argv))
     child = group.start("flwr-run", argv, env=child_env(flwr_home, opts), cwd=REPO,
@@ -441,7 +447,20 @@ def _group(out_dir: Path) -> ProcessGroup:
 def _finish(group: ProcessGroup, opts: DeployOptions) -> None:
     group.stop_all(opts.stop_timeout)
     group.write_pids()
-    log.info("stopped %d child process group(s); pids in %s", len(group.children), group.pid_file)
+    removed = remove_partial_files(group.pid_file.parent)
+    log.info("stopped %d child process group(s); pids in %s%s", len(group.children),
+             group.pid_file, f"; removed {removed} partial file(s)" if removed else "")
+
+
+def remove_partial_files(out_dir: Path) -> int:
+    """Delete the temporary files of atomic writes that a stopped child left half-written
+    (``<name>.<random>.tmp`` beside checkpoints and the configuration snapshot)."""
+    count = 0
+    for path in out_dir.rglob("*.tmp"):
+        if path.is_file() and "flwr_home" not in path.parts:
+            path.unlink(missing_ok=True)
+            count += 1
+    return count
 
 
 def _interrupted(err: Interrupted) -> int:

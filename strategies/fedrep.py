@@ -6,3 +6,4 @@ from .registry import register_strategy
 @register_strategy("FedRep")
 class FedRep(PersonalizedStrategy):
     share_exclude = ("out_conv",)
+    defaults = {"model": "unet", "procedure": "pce", "rep_iters": 3}

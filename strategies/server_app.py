@@ -1,8 +1,7 @@
 """Flower ServerApp: builds the strategy a run config names and runs all rounds.
 
-With ``flwr run`` the run config's ``config-file`` names the TOML snapshot to use; the
-simulation mode of ``flower_runner.py`` builds the same app in process with
-:func:`make_server_app`.
+With ``flwr run`` (both modes of ``flower_runner.py``) the run config's ``config-file`` names
+the TOML snapshot to use.
 """
 from __future__ import annotations
 
@@ -45,17 +44,6 @@ def run_server(grid: Grid, cfg: RunConfig) -> None:
                        evaluate_config=ConfigRecord(record))
     finally:
         reporter.close()
-
-
-def make_server_app(cfg: RunConfig) -> ServerApp:
-    """A ServerApp bound to ``cfg`` (used in process by the simulation mode)."""
-    server_app = ServerApp()
-
-    @server_app.main()
-    def main(grid: Grid, context: Context) -> None:
-        run_server(grid, cfg)
-
-    return server_app
 
 
 app = ServerApp()

@@ -19,6 +19,24 @@ SEED_TRAIN = ("--port 8097 --procedure flower_pCE_2D_GateCRFMsacleTreeEnergyLoss
               "--gpus 0 1 2 3 4 5 --strategy FedICRA --alpha 1 --rep_iters 3").split()
 
 
+def free_base(span: int) -> int:
+    """A base port with ``span`` free ports above it (below the ephemeral range)."""
+    import random
+    import time
+
+    from deployment.processes import PortBusyError, check_ports_free
+
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        base = rng.randrange(20000, 32000)
+        try:
+            check_ports_free({f"p{i}": base + i for i in range(span)})
+            return base
+        except PortBusyError:
+            continue
+    raise RuntimeError("no free port range found")
+
+
 def real_faz_root() -> Path:
     """Real FAZ PNG release: ``$FAZ_ROOT`` or ``../shared/data/FAZ`` beside the checkout."""
     env = os.environ.get("FAZ_ROOT")

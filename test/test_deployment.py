@@ -26,7 +26,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parents[1]
 
-from conftest import SEED_TRAIN
+from conftest import SEED_TRAIN, free_base
 from deployment.channel import WorkerUnavailable, decode, encode, request
 from deployment.packing import pack_arrays, unpack_arrays
 from deployment.processes import PortBusyError, check_ports_free, group_members
@@ -35,19 +35,6 @@ CLIENTS = 3
 
 
 # ---------------------------------------------------------------------- helpers
-def free_base(span: int) -> int:
-    """A base port with ``span`` free ports above it (below the ephemeral range)."""
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(200):
-        base = rng.randrange(20000, 32000)
-        try:
-            check_ports_free({f"p{i}": base + i for i in range(span)})
-            return base
-        except PortBusyError:
-            continue
-    raise RuntimeError("no free port range found")
-
-
 def runner(tmp: Path, data: Path, port: int, rounds: int, exp: str = "e2e",
            seed_flags: List[str] = ()) -> List[str]:
     """Runner command for a tiny deployment run; ``seed_flags`` go first (later flags win) and
@@ -185,12 +172,12 @@ def test_worker_not_running_names_the_client(tmp_path):
 
 
 @pytest.mark.parametrize("busy_offset, flag", [(0, "SuperLink"), (2, "site worker of client 0")])
-def test_busy_port_gives_a_clear_error(tmp_path, busy_offset, flag):
+def test_busy_port_gives_a_clear_error(tmp_path, fed_data, busy_offset, flag):
     base = free_base(2 * CLIENTS + 2)
     with socket.socket() as sock:
         sock.bind(("127.0.0.1", base + busy_offset))
         sock.listen()
-        res = subprocess.run(runner(tmp_path, tmp_path / "nodata", base, 1), cwd=REPO,
+        res = subprocess.run(runner(tmp_path, fed_data, base, 1), cwd=REPO,
                              capture_output=True, text=True, timeout=120)
     text = res.stdout + res.stderr
     assert res.returncode == 2, text

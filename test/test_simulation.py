@@ -8,7 +8,7 @@ import pytest
 
 import flower_runner
 from configs import load_config
-from conftest import SEED_TRAIN
+from conftest import SEED_TRAIN, free_base
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,11 +36,14 @@ def test_simulation_run_writes_every_output_and_test_client_reads_them(tiny_fede
     overrides = ["--img_class", "synthetic_faz", "--root_path", str(tiny_federation), "--out_root",
                  str(out_root), "--num_clients", "3", "--rounds", "2", "--iters", "2", "--rep_iters", "1",
                  "--batch_size", "2", "--mode", "simulation", "--eval_every", "1", "--set", "base_channels=4",
-                 "--set", "aux_channels=8", "--set", "ala_max_epochs=2", "--set", "tb_images_every=1"]
+                 "--set", "aux_channels=8", "--set", "ala_max_epochs=2", "--set", "tb_images_every=1",
+                 "--port", str(free_base(1))]
     run = subprocess.run([sys.executable, "flower_runner.py", *SEED_TRAIN, *overrides], cwd=REPO,
                          capture_output=True, text=True, timeout=600)
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "round 2/2 | clients 3/3" in run.stdout
+    logs = " ".join(p.read_text() for p in (out_root / "faz" / "WeaklySeg_pCE" / "logs").glob("*.log"))
+    assert "deprecat" not in (run.stdout + run.stderr + logs).lower(), "a deprecated Flower API ran"
     exp = out_root / "faz" / "WeaklySeg_pCE"
     cfg = load_config(exp / "config.toml")
     assert cfg.img_class == "synthetic_faz" and cfg.rounds == 2
@@ -84,3 +87,41 @@ def test_simulation_run_writes_every_output_and_test_client_reads_them(tiny_fede
         [sys.executable, "test_client.py", "--client", "client0", "--cid", "0", "--exp", "faz/WeaklySeg_pCE",
          "--out_root", str(out_root), "--img_class", "faz"], cwd=REPO, capture_output=True, text=True)
     assert single.returncode == 2 and "img_class" in single.stdout
+
+
+@pytest.mark.slow
+def test_one_ctrl_c_stops_a_simulation_with_130_and_leaves_nothing(tiny_federation, tmp_path):
+    import json
+    import signal
+    import time
+
+    from deployment.processes import group_members
+
+    out_root = tmp_path / "model"
+    out = out_root / "synthetic_faz" / "FedAvg"
+    cmd = [sys.executable, "flower_runner.py", "--mode", "simulation", "--strategy", "FedAvg",
+           "--img_class", "synthetic_faz", "--root_path", str(tiny_federation), "--out_root",
+           str(out_root), "--num_clients", "3", "--rounds", "200", "--iters", "2", "--batch_size",
+           "2", "--set", "base_channels=4", "--port", str(free_base(1))]
+    proc = subprocess.Popen(cmd, cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True)
+    deadline = time.monotonic() + 240
+    try:
+        while time.monotonic() < deadline and proc.poll() is None:
+            rows = (out / "metrics.csv").read_text().splitlines()[1:] if (out / "metrics.csv").is_file() else []
+            if len(rows) >= 3:
+                break
+            time.sleep(0.2)
+        assert proc.poll() is None, "the run ended before round 1 was recorded"
+        proc.send_signal(signal.SIGINT)
+        sent = time.monotonic()
+        stdout, _ = proc.communicate(timeout=60)
+        took = time.monotonic() - sent
+    finally:
+        if proc.poll() is None:
+            proc.kill()
+    assert proc.returncode == 130, stdout[-3000:]
+    assert "Traceback" not in stdout and "interrupted by SIGINT" in stdout
+    assert took < 30, f"stopping took {took:.0f} s"
+    assert not list(out.rglob("*.tmp")), "partial files left behind"
+    pids = json.loads((out / "pids.json").read_text())
+    assert not [n for n, pid in pids.items() if group_members(pid)], "processes left running"
