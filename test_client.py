@@ -29,7 +29,7 @@ from dataloaders.tasks import get_task
 from clients.evaluation import predict
 from clients.overlay import overlay
 from clients.metrics import METRIC_NAMES, binary_metrics
-from networks.checkpoint import load_checkpoint
+from networks.checkpoint import load_checkpoint, run_meta
 from networks.factory import build_for_run
 
 log = logging.getLogger("fedicra.test")
@@ -144,7 +144,8 @@ def load_tested_model(cfg, cid: int, checkpoint: str, device: torch.device
     """
     deploys = deployed_model(cfg)
     path = checkpoint_path(cfg, cid, checkpoint, deploys)
-    state = load_checkpoint(path, map_location="cpu")
+    expect = run_meta(cfg, None if deploys == "global" else cid)
+    state = load_checkpoint(path, map_location="cpu", expect=expect)
     model = build_for_run(cfg, site=cid)
     if deploys == "global":
         load_arrays_strictly(model, _checkpoint_entry(state, path, "arrays"), path)

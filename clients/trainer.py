@@ -20,7 +20,7 @@ from configs import RunConfig
 from dataloaders.dataset import InfiniteBatches, SiteDataset
 from dataloaders.tasks import get_task
 from losses.objective import ObjectiveConfig, WeakObjective
-from networks.checkpoint import load_checkpoint, save_atomic
+from networks.checkpoint import load_checkpoint, run_meta, save_atomic
 from networks.factory import build_for_run
 from networks.groups import select_keys
 
@@ -295,7 +295,8 @@ class SiteTrainer:
         if score > self.best_val:
             self.best_val = score
             save_atomic({"model": self.model.state_dict(), "round": server_round,
-                         "val_dice": score, "cid": self.cid}, self.client_dir / "best.pt")
+                         "val_dice": score, "cid": self.cid, "meta": run_meta(self.cfg, self.cid)},
+                        self.client_dir / "best.pt")
         return {"val_dice": score, "best_val_dice": self.best_val}
 
     def log_predictions(self, step: int, count: int = 4) -> None:
@@ -314,6 +315,7 @@ class SiteTrainer:
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> Dict[str, object]:
         return {
+            "meta": run_meta(self.cfg, self.cid),
             "cid": self.cid,
             "model": self.model.state_dict(),
             "optimizer": self.optimizer.state_dict(),
@@ -339,4 +341,5 @@ class SiteTrainer:
         save_atomic(self.state_dict(), path)
 
     def load(self, path: Path) -> None:
-        self.load_state_dict(load_checkpoint(path, map_location=self.device))
+        self.load_state_dict(load_checkpoint(path, map_location=self.device,
+                                             expect=run_meta(self.cfg, self.cid)))

@@ -10,7 +10,7 @@ from typing import Dict, List, Mapping, Optional, Sequence
 
 import numpy as np
 
-from networks.checkpoint import save_atomic
+from networks.checkpoint import as_tensors, save_atomic
 
 log = logging.getLogger("fedicra.server")
 
@@ -37,9 +37,10 @@ class RunReporter:
         Planned number of rounds (for the ETA).
     """
 
-    def __init__(self, out_dir: Path, rounds: int) -> None:
+    def __init__(self, out_dir: Path, rounds: int, meta: Optional[Mapping[str, object]] = None) -> None:
         self.out_dir = Path(out_dir)
         self.rounds = rounds
+        self.meta = dict(meta or {})  # stamp of the global checkpoints (networks.checkpoint.run_meta)
         self.start = time.perf_counter()
         self.best_global = -math.inf
         self.csv_path = self.out_dir / "metrics.csv"
@@ -76,7 +77,7 @@ class RunReporter:
             if key not in ("cid", "num-examples"):
                 self.writer.add_scalar(f"server/{key}", value, server_round)
         self.writer.flush()
-        state = {"round": server_round, "arrays": dict(global_arrays)}
+        state = {"round": server_round, "arrays": as_tensors(global_arrays), "meta": self.meta}
         save_atomic(state, self.out_dir / "global" / "latest.pt")
         self._progress(server_round, len(client_metrics), expected_clients, aggregated)
 
@@ -90,7 +91,8 @@ class RunReporter:
                  aggregate_round, val_dice)
         if val_dice > self.best_global:
             self.best_global = float(val_dice)
-            save_atomic({"round": aggregate_round, "arrays": dict(arrays), "val_dice": val_dice},
+            save_atomic({"round": aggregate_round, "arrays": as_tensors(arrays),
+                         "val_dice": float(val_dice), "meta": self.meta},
                         self.out_dir / "global" / "best.pt")
 
     def _progress(self, server_round: int, answered: int, expected: int,

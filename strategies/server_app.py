@@ -12,6 +12,7 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from configs import RunConfig, load_config
+from networks.checkpoint import run_meta
 from networks.factory import build_for_run
 
 from .base import LOCAL_ONLY_KEYS, to_record
@@ -35,7 +36,7 @@ def ensure_progress_logging() -> None:
 def run_server(grid: Grid, cfg: RunConfig) -> None:
     """All rounds of run ``cfg`` on ``grid``; outputs go to ``cfg.out_dir``."""
     ensure_progress_logging()
-    reporter = RunReporter(cfg.out_dir, cfg.rounds)
+    reporter = RunReporter(cfg.out_dir, cfg.rounds, run_meta(cfg, None))
     try:
         strategy = strategy_class(cfg.strategy)(cfg, reporter)
         initial = to_record(strategy.initial_arrays(build_for_run(cfg, site=0)))

@@ -17,7 +17,7 @@ from configs import save_config
 from conftest import tiny_run_config
 from dataloaders.dataset import SiteDataset
 from dataloaders.tasks import get_task
-from networks.checkpoint import save_atomic
+from networks.checkpoint import run_meta, save_atomic
 from networks.factory import build_for_run
 
 #: Test cases per site: unequal, so that the mean of sites differs from the pooled mean.
@@ -47,12 +47,13 @@ def make_run(tmp_path: Path, data_root: Path, strategy: str, exp: str = "fake/ru
                           model="unet", num_clients=len(TEST_CASES))
     save_config(cfg, cfg.out_dir / "config.toml")
     glob = _forced(build_for_run(cfg), foreground=True)
-    arrays = {k: v.detach().cpu().numpy() for k, v in glob.state_dict().items()}
-    save_atomic({"round": 3, "arrays": arrays, "val_dice": 0.5}, cfg.out_dir / "global" / "best.pt")
+    arrays = {k: v.detach().clone() for k, v in glob.state_dict().items()}
+    save_atomic({"round": 3, "arrays": arrays, "val_dice": 0.5, "meta": run_meta(cfg, None)},
+                cfg.out_dir / "global" / "best.pt")
     for cid in range(cfg.num_clients):
         personal = _forced(build_for_run(cfg, site=cid), foreground=False)
-        save_atomic({"model": personal.state_dict(), "round": 2, "val_dice": 0.25, "cid": cid},
-                    cfg.out_dir / f"client{cid}" / "best.pt")
+        save_atomic({"model": personal.state_dict(), "round": 2, "val_dice": 0.25, "cid": cid,
+                     "meta": run_meta(cfg, cid)}, cfg.out_dir / f"client{cid}" / "best.pt")
     return cfg
 
 
@@ -135,7 +136,8 @@ def test_global_checkpoint_missing_keys_is_an_error_naming_file_and_keys(tmp_pat
 def test_latest_global_checkpoint_is_used_with_checkpoint_latest(tmp_path, data_root):
     cfg = make_run(tmp_path, data_root, "FedAvg")
     state = torch.load(cfg.out_dir / "global" / "best.pt", weights_only=False)
-    save_atomic({"round": 4, "arrays": state["arrays"]}, cfg.out_dir / "global" / "latest.pt")
+    save_atomic({"round": 4, "arrays": state["arrays"], "meta": state["meta"]},
+                cfg.out_dir / "global" / "latest.pt")
     assert run_test(cfg, "--client", "all", "--checkpoint", "latest") == 0
     summary = read_csv(cfg.out_dir / "test" / "mean_std_result.csv")
     assert {(s["checkpoint"], s["round"], s["val_dice"]) for s in summary} == {("global/latest.pt", "4", "nan")}
@@ -216,3 +218,49 @@ def test_results_of_another_run_are_replaced(tmp_path, data_root):
     assert run_test(first, "--client", "client1", "--output", str(shared)) == 0
     assert run_test(second, "--client", "client0", "--output", str(shared)) == 0
     assert {r["client"] for r in read_csv(shared / "result.csv")} == {"0"}
+
+
+# ---------------------------------------------------------------------- safe loading
+class _Payload:
+    """Unpickling this object would create a marker file (stands for arbitrary code)."""
+
+    def __init__(self, marker: Path) -> None:
+        self.marker = marker
+
+    def __reduce__(self):
+        return (Path.touch, (self.marker,))
+
+
+def test_a_checkpoint_with_a_code_payload_is_refused_without_running_it(tmp_path, data_root, caplog):
+    cfg = make_run(tmp_path, data_root, "FedBN")
+    marker = tmp_path / "code_ran"
+    path = cfg.out_dir / "client0" / "best.pt"
+    state = torch.load(path, weights_only=True)
+    state["extra"] = _Payload(marker)
+    torch.save(state, path)
+    caplog.set_level(logging.INFO, logger="fedicra.test")
+    assert run_test(cfg, "--client", "client0") == 2
+    assert not marker.exists(), "loading the checkpoint ran code"
+    assert str(path) in caplog.text and "refused" in caplog.text
+
+
+def test_a_checkpoint_of_another_client_is_refused(tmp_path, data_root, caplog):
+    cfg = make_run(tmp_path, data_root, "FedBN")
+    import shutil
+
+    shutil.copy(cfg.out_dir / "client1" / "best.pt", cfg.out_dir / "client0" / "best.pt")
+    caplog.set_level(logging.INFO, logger="fedicra.test")
+    assert run_test(cfg, "--client", "client0") == 2
+    assert "client0/best.pt" in caplog.text and "client 1 (expected 0)" in caplog.text
+
+
+def test_a_checkpoint_of_another_model_names_the_file(tmp_path, data_root, caplog):
+    cfg = make_run(tmp_path, data_root, "FedBN")
+    other = tiny_run_config(data_root, tmp_path / "other", strategy="FedBN", model="unet",
+                            base_channels=8, num_clients=len(TEST_CASES))
+    path = cfg.out_dir / "client0" / "best.pt"
+    save_atomic({"model": build_for_run(other, site=0).state_dict(), "round": 1,
+                 "meta": run_meta(cfg, 0)}, path)
+    caplog.set_level(logging.INFO, logger="fedicra.test")
+    assert run_test(cfg, "--client", "client0") == 2
+    assert f"{path} does not fit the model" in caplog.text and "Traceback" not in caplog.text
