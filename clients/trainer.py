@@ -7,6 +7,7 @@ from __future__ import annotations
 
 import copy
 import logging
+import math
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
@@ -232,6 +233,7 @@ class SiteTrainer:
         # round exactly (dropout inside adaptive aggregation draws from this stream).
         torch.manual_seed(self.cfg.seed * 1_000_003 + self.cid * 10_007 + 7 * server_round + 1)
         shared = self.keys(_groups(config, "share-include"), _groups(config, "share-exclude"))
+        last_good = copy.deepcopy(self.state_dict())
         global_metrics = {}
         if config.get("validate-global") and is_global_eval_round(server_round, self.cfg.eval_every):
             global_metrics = self.validate_global(arrays, shared)
@@ -240,6 +242,9 @@ class SiteTrainer:
             self.optimizer = self.new_optimizer()
         metrics = self.rule.local_train(self, server_round)
         metrics.update(global_metrics)
+        problem = self.divergence(metrics)
+        if problem:
+            return {}, self.reject_round(server_round, last_good, problem, start)
         self.rounds_done = server_round
         is_last = server_round >= self.cfg.rounds
         if server_round % self.cfg.eval_every == 0 or is_last:
@@ -256,6 +261,29 @@ class SiteTrainer:
         metrics["num-examples"] = float(len(self.train_set))
         metrics["cid"] = float(self.cid)
         return self.state_of(shared), metrics
+
+    def divergence(self, metrics: Mapping[str, float]) -> str:
+        """Why this round's result must not leave the site ('' when it is finite)."""
+        bad_terms = [k for k, v in metrics.items() if not math.isfinite(float(v))]
+        if bad_terms:
+            return f"non-finite loss terms {', '.join(sorted(bad_terms))}"
+        bad = [n for n, t in self.model.state_dict().items()
+               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
+        if bad:
+            return f"non-finite model values in {len(bad)} tensors (e.g. {bad[0]})"
+        return ""
+
+    def reject_round(self, server_round: int, last_good: Mapping[str, object], problem: str,
+                     start: float) -> Dict[str, float]:
+        """Back to the state before the round; the reply tells the server why it carries no
+        update (``diverged`` = 1, no samples)."""
+        self.load_state_dict(last_good)
+        self.rounds_done = server_round
+        self.save(self.client_dir / "latest.pt")
+        log.warning("client %d round %d: update rejected (%s); kept the state of round %d",
+                    self.cid, server_round, problem, server_round - 1)
+        return {"diverged": 1.0, "num-examples": 0.0, "cid": float(self.cid),
+                "seconds": time.perf_counter() - start}
 
     def evaluate(self, arrays: Optional[Mapping[str, np.ndarray]] = None,
                  config: Optional[Mapping[str, object]] = None) -> Dict[str, float]:

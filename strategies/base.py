@@ -42,6 +42,36 @@ def to_record(arrays: Mapping[str, np.ndarray]) -> ArrayRecord:
     return ArrayRecord({k: Array(np.ascontiguousarray(v)) for k, v in arrays.items()})
 
 
+def screen_replies(server_round: int, replies: Sequence[Tuple[Dict[str, float], Dict[str, np.ndarray]]]
+                   ) -> Tuple[List[int], Dict[int, str]]:
+    """Indices of the replies fit to aggregate, and why each other one is refused.
+
+    A reply is refused when its site reports a diverged round (``diverged`` metric) or when
+    any of its numbers (metrics or arrays) is NaN or infinite. Raises RuntimeError when no
+    reply is left: every client diverged and the run cannot go on.
+    """
+    kept: List[int] = []
+    refused: Dict[int, str] = {}
+    for i, (metrics, arrays) in enumerate(replies):
+        bad_arrays = [k for k, a in arrays.items()
+                      if np.issubdtype(a.dtype, np.floating) and not np.isfinite(a).all()]
+        bad_metrics = [k for k, v in metrics.items() if not np.isfinite(float(v))]
+        if metrics.get("diverged"):
+            refused[i] = "the site rejected its own update (non-finite loss or model)"
+        elif bad_arrays or bad_metrics:
+            refused[i] = f"non-finite values in {', '.join((bad_arrays + bad_metrics)[:3])}"
+        else:
+            kept.append(i)
+    for i, reason in refused.items():
+        log.warning("round %d: update of client %d refused: %s", server_round,
+                    int(replies[i][0].get("cid", i)), reason)
+    if not kept:
+        raise RuntimeError(f"round {server_round}: every client diverged, so no update is left "
+                           "to aggregate; the run stops (lower --base_lr, or check the data); "
+                           "the last good round is on disk")
+    return kept, refused
+
+
 class PersonalizedStrategy(Strategy):
     """Sample-weighted averaging of the shared parameter groups, every node every round.
 
@@ -148,20 +178,23 @@ class PersonalizedStrategy(Strategy):
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
                         ) -> Tuple[Optional[ArrayRecord], Optional[MetricRecord]]:
         contents = self._valid(server_round, replies, "train")
-        metrics = [dict(c["metrics"]) for c in contents]
+        all_metrics = [dict(c["metrics"]) for c in contents]
+        all_arrays = [to_numpy(c["arrays"]) for c in contents]
+        kept, _ = screen_replies(server_round, list(zip(all_metrics, all_arrays)))
+        metrics = [all_metrics[i] for i in kept]
         weights = [float(m["num-examples"]) for m in metrics]
-        arrays = self.aggregate_arrays(server_round, [to_numpy(c["arrays"]) for c in contents], weights)
+        arrays = self.aggregate_arrays(server_round, [all_arrays[i] for i in kept], weights)
         aggregated = mean_metrics(metrics, weights)
         aggregated.pop("cid", None)
         aggregated["num-examples"] = float(sum(weights))
         # Sites validate on the same rounds; plain means weigh every site equally.
-        for key in ("val_dice", "val_dice_global"):
-            if all(key in m for m in metrics):
+        for key in ("val_dice", "val_dice_global"):  # only when every site scored it
+            if all(key in m for m in all_metrics):
                 aggregated[key] = float(np.mean([m[key] for m in metrics]))
             else:
                 aggregated.pop(key, None)
         if self.reporter is not None:
-            self.reporter.record_round(server_round, metrics, aggregated, arrays, len(self.node_ids))
+            self.reporter.record_round(server_round, all_metrics, aggregated, arrays, len(self.node_ids))
             if "val_dice_global" in aggregated and self._global_sent is not None:
                 # the arrays sent this round are the aggregate of the previous round
                 self.reporter.record_global_validation(

@@ -16,7 +16,7 @@ log = logging.getLogger("fedicra.server")
 
 #: Columns of metrics.csv; loss terms a method does not produce stay empty.
 CSV_COLUMNS = ("round", "client", "num_examples", "total", "pce", "tree", "crf", "sc", "extra",
-               "lr", "val_dice", "best_val_dice", "val_dice_global", "seconds")
+               "lr", "val_dice", "best_val_dice", "val_dice_global", "diverged", "seconds")
 
 
 def _fmt_seconds(seconds: float) -> str:

@@ -63,3 +63,25 @@ def test_unknown_strategy_lists_names():
     with pytest.raises(ValueError, match="FedICRA"):
         strategy_class("FedNope")
     assert {"FedAvg", "FedBN", "FedProx", "FedRep", "FedALA", "FedICRA", "Local"} <= set(strategy_names())
+
+
+# ---------------------------------------------------------------------- numerical guard
+def test_non_finite_or_self_rejected_replies_never_reach_the_aggregate():
+    from strategies.base import screen_replies
+
+    good = ({"cid": 0.0, "total": 0.5, "num-examples": 4.0}, {"w": np.ones(3, np.float32)})
+    nan_array = ({"cid": 1.0, "total": 0.5, "num-examples": 4.0},
+                 {"w": np.array([1.0, np.nan, 0.0], np.float32)})
+    inf_loss = ({"cid": 2.0, "total": float("inf"), "num-examples": 4.0}, {"w": np.ones(3, np.float32)})
+    rejected = ({"cid": 3.0, "diverged": 1.0, "num-examples": 0.0}, {})
+    kept, refused = screen_replies(5, [good, nan_array, inf_loss, rejected])
+    assert kept == [0] and sorted(refused) == [1, 2, 3]
+    assert "non-finite values in w" in refused[1] and "rejected its own update" in refused[3]
+
+
+def test_every_client_diverged_stops_the_run():
+    from strategies.base import screen_replies
+
+    with pytest.raises(RuntimeError, match="round 7: every client diverged"):
+        screen_replies(7, [({"cid": 0.0, "diverged": 1.0}, {}),
+                           ({"cid": 1.0, "total": float("nan")}, {"w": np.zeros(1)})])

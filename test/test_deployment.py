@@ -319,3 +319,25 @@ def test_fedavg_keeps_the_global_model_with_the_best_mean_validation(tmp_path, f
     latest = torch.load(out / "global" / "latest.pt", weights_only=False)
     if best["round"] == 3:
         assert all(np.array_equal(best["arrays"][k], latest["arrays"][k]) for k in latest["arrays"])
+
+
+@pytest.mark.slow
+def test_divergence_never_reaches_the_global_model_and_the_run_fails(tmp_path, fed_data):
+    base = free_base(2 * CLIENTS + 2)
+    cmd = runner(tmp_path, fed_data, base, 4, exp="nan") + ["--strategy", "FedAvg", "--base_lr", "1e30"]
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    out = tmp_path / "model" / "nan"
+    assert res.returncode == 1, res.stdout[-4000:] + res.stderr[-4000:]
+    assert "every client diverged" in res.stdout
+    import torch
+
+    latest = out / "global" / "latest.pt"
+    if latest.is_file():  # rounds before the divergence are kept, finite
+        arrays = torch.load(latest, weights_only=True)["arrays"]
+        assert all(torch.isfinite(v.float()).all() for v in arrays.values())
+    for k in range(CLIENTS):
+        best = out / f"client{k}" / "best.pt"
+        if best.is_file():
+            state = torch.load(best, weights_only=True)
+            assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
+    assert_all_stopped(out)

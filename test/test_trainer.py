@@ -174,3 +174,34 @@ def test_fundus_task_trains_with_the_full_objective(tmp_path):
     scores = t.evaluate()
     assert {"val_dice_cup", "val_dice_disc"} <= set(scores)
     assert scores["val_dice"] == pytest.approx((scores["val_dice_cup"] + scores["val_dice_disc"]) / 2)
+
+
+def test_a_diverged_round_is_rejected_and_the_last_good_state_kept(tiny_federation, tmp_path):
+    """With an absurd learning rate the loss turns NaN: the site sends nothing, says why, keeps
+    the model it had before the round and never writes a non-finite best.pt."""
+    import copy
+
+    from clients.trainer import SiteTrainer
+
+    cfg = tiny_run_config(tiny_federation, tmp_path, strategy="FedAvg", model="unet",
+                          base_lr=1e30, eval_every=1, reset_optimizer=False)
+    trainer = SiteTrainer(cfg, cid=0)
+    keys = trainer.keys(["all"])
+    sent = trainer.state_of(keys)
+    config = {"server-round": 1, "share-include": "all", "share-exclude": ""}
+    arrays, metrics = trainer.train(sent, config)
+    if not metrics.get("diverged"):  # the first round may survive; the second cannot
+        before = copy.deepcopy(trainer.state_dict())
+        arrays, metrics = trainer.train(arrays, dict(config, **{"server-round": 2}))
+    else:
+        before = None
+    assert metrics["diverged"] == 1.0 and arrays == {} and metrics["num-examples"] == 0.0
+    for name, value in trainer.model.state_dict().items():
+        assert torch.isfinite(value.float()).all(), name
+    if before is not None:
+        for name, value in trainer.model.state_dict().items():
+            assert torch.equal(value, before["model"][name]), name
+    best = trainer.client_dir / "best.pt"
+    if best.is_file():
+        state = torch.load(best, weights_only=True)
+        assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
