@@ -4,6 +4,7 @@ VENV ?= .venv
 PY := $(VENV)/bin/python
 STAMP := $(VENV)/.installed
 DEMO_DIR ?= demo
+DEMO_FLAGS ?=  # extra runner flags, e.g. DEMO_FLAGS="--port 9097" when 8097 is taken
 
 .PHONY: install test demo clean
 
@@ -25,7 +26,7 @@ test: $(STAMP)
 demo: $(STAMP)
 	$(PY) -m dataloaders.synthetic --task faz --out $(DEMO_DIR)/data_faz --size 96 \
 		--train-per-site 40 --test-per-site 10 --seed 2022
-	$(PY) flower_runner.py --config configs/synthetic_faz.toml --mode deployment --overwrite
+	$(PY) flower_runner.py --config configs/synthetic_faz.toml --mode deployment --overwrite $(DEMO_FLAGS)
 	$(PY) test_client.py --client all --exp synthetic_faz/FedICRA --out_root $(DEMO_DIR)/model --no_images
 	@echo "TensorBoard: $(VENV)/bin/tensorboard --logdir $(DEMO_DIR)/model/synthetic_faz/FedICRA/tb"
 
