@@ -76,7 +76,7 @@ _FLAGS = {
 }
 
 
-SUBCOMMANDS = ("superlink", "site", "launch")
+SUBCOMMANDS = ("superlink", "site", "launch", "stop")
 
 
 def spellings(name: str) -> List[str]:
@@ -181,6 +181,10 @@ def parse_subcommand(argv: List[str]) -> argparse.Namespace:
                              "the sites) and print its path")
     add_run_flags(launch)
     add_tls_client_flags(launch)
+    stop = sub.add_parser("stop", help="stop what a run left running, from its pids.json")
+    stop.add_argument("run_dir", type=Path, help="the run's folder, model/<exp>")
+    stop.add_argument(*spellings("stop-timeout"), dest="stop_timeout", type=float, default=10.0,
+                      help="seconds a process group gets after SIGTERM before SIGKILL")
     return p.parse_args(argv)
 
 
@@ -309,6 +313,13 @@ def subcommand_main(argv: List[str]) -> int:
 
     args = parse_subcommand(argv)
     try:
+        if args.command == "stop":
+            from deployment.processes import stop_recorded
+
+            stopped = stop_recorded(args.run_dir / "pids.json", args.stop_timeout)
+            log.info("stopped %s", ", ".join(f"{n} ({p})" for n, p in stopped.items())
+                     if stopped else "nothing: no process of this run was running")
+            return 0
         if args.command == "superlink":
             opts = deploy_options(args, host=args.host, ssl_certfile=args.ssl_certfile,
                                   ssl_keyfile=args.ssl_keyfile,

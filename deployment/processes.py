@@ -140,7 +140,7 @@ class ProcessGroup:
             proc = subprocess.Popen(
                 list(argv), env=dict(env) if env is not None else None, cwd=cwd,
                 stdin=subprocess.DEVNULL, stdout=log_file if stdout is None else stdout,
-                stderr=log_file, start_new_session=True)
+                stderr=log_file, start_new_session=True, preexec_fn=die_with_parent)
             child = Child(name, list(argv), proc, log_path)
             self.children[name] = child
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
@@ -200,6 +200,41 @@ class ProcessGroup:
                 _signal_group(child.pid, signal.SIGKILL)
         for child in self.children.values():
             _wait_group(child, time.monotonic() + 5.0)
+
+
+def die_with_parent() -> None:
+    """In a forked child before exec: ask Linux to send SIGTERM when the launcher dies, so a
+    killed runner (even SIGKILL) leaves no child behind. A no-op where prctl is missing."""
+    try:
+        import ctypes
+
+        libc = ctypes.CDLL(None, use_errno=True)
+        libc.prctl(1, signal.SIGTERM, 0, 0, 0)  # PR_SET_PDEATHSIG = 1
+    except (OSError, AttributeError):
+        pass
+
+
+def stop_recorded(pid_file: Path, timeout: float = 10.0) -> Dict[str, int]:
+    """Stop every process group listed in a run's ``pids.json`` (SIGTERM, then SIGKILL after
+    ``timeout``); returns the ``{name: pid}`` that were still running."""
+    if not pid_file.is_file():
+        raise FileNotFoundError(f"{pid_file} does not exist: no run was started there")
+    try:
+        pids = {str(k): int(v) for k, v in json.loads(pid_file.read_text()).items()}
+    except (ValueError, AttributeError) as err:
+        raise ValueError(f"{pid_file}: not a pids.json written by flower_runner.py ({err})") from None
+    running = {name: pid for name, pid in pids.items() if _group_alive(pid)}
+    with signals_ignored():
+        for pid in running.values():
+            _signal_group(pid, signal.SIGTERM)
+        deadline = time.monotonic() + timeout
+        while time.monotonic() < deadline and any(_group_alive(p) for p in running.values()):
+            time.sleep(POLL)
+        for name, pid in running.items():
+            if _group_alive(pid):
+                log.warning("%s (process group %d) ignored SIGTERM: killing it", name, pid)
+                _signal_group(pid, signal.SIGKILL)
+    return running
 
 
 def _signal_group(pgid: int, sig: int) -> None:

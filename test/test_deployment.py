@@ -341,3 +341,52 @@ def test_divergence_never_reaches_the_global_model_and_the_run_fails(tmp_path, f
             state = torch.load(best, weights_only=True)
             assert all(torch.isfinite(v.float()).all() for v in state["model"].values())
     assert_all_stopped(out)
+
+
+def test_stop_ends_every_process_group_listed_in_pids_json(tmp_path):
+    """`flower_runner.py stop <run>` kills what a crashed runner left, children included."""
+    script = "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"
+    procs = [subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+             for _ in range(2)]
+    try:
+        (tmp_path / "pids.json").write_text(json.dumps({f"leftover{i}": p.pid
+                                                        for i, p in enumerate(procs)}))
+        time.sleep(0.5)
+        assert all(group_members(p.pid) for p in procs)
+        res = subprocess.run([sys.executable, "flower_runner.py", "stop", str(tmp_path),
+                              "--stop-timeout", "5"], cwd=REPO, capture_output=True, text=True,
+                             timeout=60)
+        assert res.returncode == 0, res.stdout + res.stderr
+        assert "leftover0" in res.stdout and "leftover1" in res.stdout
+        for p in procs:
+            p.wait(timeout=10)
+        assert not any(group_members(p.pid) for p in procs)
+    finally:
+        for p in procs:
+            if p.poll() is None:
+                p.kill()
+
+
+def test_children_die_with_a_killed_launcher(tmp_path):
+    """A child started by ProcessGroup gets SIGTERM when its launcher dies, even by SIGKILL."""
+    code = ("import sys, time; from pathlib import Path; sys.path.insert(0, %r);"
+            "from deployment.processes import ProcessGroup;"
+            "g = ProcessGroup(Path(%r), Path(%r)); g.start('sleeper', ['sleep', '300']);"
+            "time.sleep(300)") % (str(REPO), str(tmp_path / "logs"), str(tmp_path / "pids.json"))
+    launcher = subprocess.Popen([sys.executable, "-c", code])
+    try:
+        deadline = time.monotonic() + 30
+        while not (tmp_path / "pids.json").is_file() or "sleeper" not in (tmp_path / "pids.json").read_text():
+            assert time.monotonic() < deadline
+            time.sleep(0.1)
+        pid = json.loads((tmp_path / "pids.json").read_text())["sleeper"]
+        assert alive(pid)
+        launcher.kill()
+        launcher.wait(timeout=10)
+        deadline = time.monotonic() + 10
+        while alive(pid) and time.monotonic() < deadline:
+            time.sleep(0.1)
+        assert not alive(pid), "the child outlived its killed launcher"
+    finally:
+        if launcher.poll() is None:
+            launcher.kill()
