@@ -282,23 +282,25 @@ def test_the_same_deployment_twice_gives_bit_identical_models(tmp_path, fed_data
     aggregation, so the blend's sampling is covered too)."""
     runs = []
     for exp in ("first", "second"):
-        base = free_base(2 * CLIENTS + 2)
-        res = subprocess.run(runner(tmp_path, fed_data, base, 3, exp=exp), cwd=REPO,
-                             capture_output=True, text=True, timeout=300)
+        res, out = run_tiny(tmp_path, fed_data, 3, exp)
         assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
-        runs.append(final_arrays(tmp_path / "model" / exp))
+        runs.append(final_arrays(out))
     first, second = runs
     assert sorted(first) == sorted(second)
     differing = [k for k in first if not np.array_equal(first[k], second[k])]
     assert not differing, f"{len(differing)} arrays differ, e.g. {differing[:3]}"
 
 
+def run_tiny(tmp_path: Path, data: Path, rounds: int, exp: str, *flags: str):
+    """One tiny deployment run to its end: (completed process, its output folder)."""
+    cmd = runner(tmp_path, data, free_base(2 * CLIENTS + 2), rounds, exp=exp) + list(flags)
+    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
+    return res, tmp_path / "model" / exp
+
+
 @pytest.mark.slow
 def test_fedavg_keeps_the_global_model_with_the_best_mean_validation(tmp_path, fed_data):
-    base = free_base(2 * CLIENTS + 2)
-    cmd = runner(tmp_path, fed_data, base, 3, exp="avg") + ["--strategy", "FedAvg", "--eval_every", "1"]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    out = tmp_path / "model" / "avg"
+    res, out = run_tiny(tmp_path, fed_data, 3, "avg", "--strategy", "FedAvg", "--eval_every", "1")
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert "network unet (strategy FedAvg)" in res.stdout
     import torch
@@ -323,10 +325,7 @@ def test_fedavg_keeps_the_global_model_with_the_best_mean_validation(tmp_path, f
 
 @pytest.mark.slow
 def test_divergence_never_reaches_the_global_model_and_the_run_fails(tmp_path, fed_data):
-    base = free_base(2 * CLIENTS + 2)
-    cmd = runner(tmp_path, fed_data, base, 4, exp="nan") + ["--strategy", "FedAvg", "--base_lr", "1e30"]
-    res = subprocess.run(cmd, cwd=REPO, capture_output=True, text=True, timeout=300)
-    out = tmp_path / "model" / "nan"
+    res, out = run_tiny(tmp_path, fed_data, 4, "nan", "--strategy", "FedAvg", "--base_lr", "1e30")
     assert res.returncode == 1, res.stdout[-4000:] + res.stderr[-4000:]
     assert "every client diverged" in res.stdout
     import torch
