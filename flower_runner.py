@@ -373,9 +373,14 @@ def main(argv: Optional[List[str]] = None) -> int:
     log.info("data: %s", preflight.describe_counts(counts))
     from deployment.launch import run_deployment
     from deployment.processes import DeploymentError
+    from strategies.registry import strategy_class
 
     try:
-        if cfg.mode == "simulation":
+        if not getattr(strategy_class(cfg.strategy), "federated", True):
+            from clients.centralised import run_centralised  # CT-*: pooled sites, no Flower
+
+            code = run_centralised(cfg)
+        elif cfg.mode == "simulation":
             code = run_simulation_mode(cfg, args)
         else:
             code = run_deployment(cfg, deploy_options(args))

@@ -38,6 +38,14 @@ def check_names(cfg: RunConfig) -> None:
             _fail(key, str(err))
     if cfg.model not in network_names():
         _fail("model", f"unknown network {cfg.model!r}; expected one of {', '.join(network_names())}")
+    strategy = strategy_class(cfg.strategy)
+    if cfg.ft_iters and not getattr(strategy, "fine_tunes", False):
+        _fail("ft_iters", f"{cfg.ft_iters}: only FT fine-tunes after the last round; "
+                          f"{strategy.name} would ignore it (set ft_iters = 0, or --strategy FT)")
+    refuses = getattr(strategy, "refuses", None)  # a method's own refusals: (key, reason)
+    problem = refuses(cfg) if refuses is not None else None
+    if problem:
+        _fail(problem[0], f"{problem[1]} (strategy {strategy.name})")
     task = get_task(cfg.img_class)
     if cfg.num_clients > task.num_sites:
         _fail("num_clients", f"{cfg.num_clients} clients but task {task.name!r} has "

@@ -81,6 +81,9 @@ class RunConfig:
     ala_layer_idx: int = 0  # 0: blend the decoder side (FedICRA); N > 0: the top N parameter tensors (FedALA)
     # FedProx
     prox_mu: float = 0.01
+    # FT: FedAvg, then each site fine-tunes the final global model (strategies/ft.py)
+    ft_iters: int = 0  # fine-tuning iterations per site after the last round (0: none; FT's default 200)
+    ft_lr: float = 0.0  # initial lr of the fine-tuning's own poly decay (0: base_lr; FT's default 0.001)
     # validation, logging
     eval_every: int = 1
     tb_images_every: int = 0  # TensorBoard predictions: 0 at every validation round; N: validation rounds divisible by N (and the last)
@@ -89,6 +92,9 @@ class RunConfig:
     port: int = 8097
     gpus: List[int] = field(default_factory=list)
     cpus_per_client: float = 1.0
+    # speed (docs/benchmarks.md, "Training step"): neither key changes which batches are drawn
+    amp: bool = False  # bf16 autocast of the network's forward pass; the losses stay float32
+    prefetch: int = 2  # batches built ahead on background threads (0: on the training thread)
 
     @property
     def exp_name(self) -> str:
@@ -120,6 +126,9 @@ class RunConfig:
             (self.ala_layer_idx >= 0, "ala_layer_idx must be >= 0"),
             (0.0 <= self.ala_w_init <= 1.0, "ala_w_init must lie in [0, 1]"),
             (self.ala_max_epochs >= 0, "ala_max_epochs must be >= 0"),
+            (self.ft_iters >= 0, "ft_iters must be >= 0"),
+            (self.ft_lr >= 0.0, "ft_lr must be >= 0 (0: base_lr)"),
+            (self.prefetch >= 0, f"prefetch = {self.prefetch} must be >= 0 (0: no background threads)"),
         ]
         for ok, message in checks:
             if not ok:

@@ -1,2 +1,2 @@
 """Importing this module registers every server strategy."""
-from . import fedala, fedavg, fedbn, fedicra, fedprox, fedrep, local  # noqa: F401
+from . import centralised, fedala, fedavg, fedbn, fedicra, fedprox, fedrep, ft, local  # noqa: F401
