@@ -17,7 +17,6 @@ the fine-tuned personal models.
 """
 from __future__ import annotations
 
-import csv
 import logging
 from typing import Dict, Iterable, Optional, Tuple
 
@@ -27,7 +26,6 @@ from flwr.serverapp import Grid
 
 from .base import PersonalizedStrategy
 from .registry import register_strategy
-from .reporting import CSV_COLUMNS
 
 log = logging.getLogger("fedicra.server")
 
@@ -111,13 +109,7 @@ class FedAvgFineTune(PersonalizedStrategy):
         round no global checkpoint is written (the global model did not change)."""
         if self.reporter is None:
             return
-        with open(self.reporter.csv_path, "a", newline="") as f:
-            out = csv.writer(f)
-            for m in sorted(metrics, key=lambda m: m.get("cid", -1)):
-                row = {"round": server_round, "client": int(m.get("cid", -1)),
-                       "num_examples": int(m.get("num-examples", 0))}
-                row.update({k: m[k] for k in CSV_COLUMNS if k in m and k not in row})
-                out.writerow([row.get(c, "") for c in CSV_COLUMNS])
+        self.reporter.write_rows(server_round, metrics)
         for key, value in summary.items():
             if key != "num-examples":
                 self.reporter.writer.add_scalar(f"server/fine_tune_{key}", value, server_round)

@@ -66,13 +66,7 @@ class RunReporter:
                      aggregated: Mapping[str, float], global_arrays: Mapping[str, np.ndarray],
                      expected_clients: int) -> None:
         """Append one row per client to metrics.csv, log aggregates, checkpoint the global model."""
-        with open(self.csv_path, "a", newline="") as f:
-            out = csv.writer(f)
-            for m in sorted(client_metrics, key=lambda m: m.get("cid", -1)):
-                row = {"round": server_round, "client": int(m.get("cid", -1)),
-                       "num_examples": int(m.get("num-examples", 0))}
-                row.update({k: m[k] for k in CSV_COLUMNS if k in m and k not in row})
-                out.writerow([row.get(c, "") for c in CSV_COLUMNS])
+        self.write_rows(server_round, client_metrics)
         for key, value in aggregated.items():
             if key not in ("cid", "num-examples"):
                 self.writer.add_scalar(f"server/{key}", value, server_round)
@@ -80,6 +74,16 @@ class RunReporter:
         state = {"round": server_round, "arrays": as_tensors(global_arrays), "meta": self.meta}
         save_atomic(state, self.out_dir / "global" / "latest.pt")
         self._progress(server_round, len(client_metrics), expected_clients, aggregated)
+
+    def write_rows(self, server_round: int, client_metrics: Sequence[Mapping[str, float]]) -> None:
+        """One metrics.csv row per client, in client-id order."""
+        with open(self.csv_path, "a", newline="") as f:
+            out = csv.writer(f)
+            for m in sorted(client_metrics, key=lambda m: m.get("cid", -1)):
+                row = {"round": server_round, "client": int(m.get("cid", -1)),
+                       "num_examples": int(m.get("num-examples", 0))}
+                row.update({k: m[k] for k in CSV_COLUMNS if k in m and k not in row})
+                out.writerow([row.get(c, "") for c in CSV_COLUMNS])
 
     def record_global_validation(self, aggregate_round: int, arrays: Mapping[str, np.ndarray],
                                  val_dice: float) -> None:
