@@ -18,12 +18,13 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from configs import RunConfig
-from dataloaders.dataset import InfiniteBatches, SiteDataset
+from dataloaders.dataset import InfiniteBatches, PrefetchBatches, SiteDataset
 from dataloaders.tasks import get_task
 from losses.objective import ObjectiveConfig, WeakObjective
 from networks.checkpoint import load_checkpoint, run_meta, save_atomic
 from networks.factory import build_for_run
 from networks.groups import select_keys
+from networks.outputs import SegOutput
 
 from .evaluation import validate
 from .overlay import overlay
@@ -50,6 +51,20 @@ def is_global_eval_round(server_round: int, eval_every: int) -> bool:
     ``server_round - 1``) is validated: the aggregates of rounds ``eval_every``,
     ``2 * eval_every``, ...; the last aggregate is validated by the final evaluate message."""
     return server_round > 1 and (server_round - 1) % eval_every == 0
+
+
+def float32_output(out: SegOutput) -> SegOutput:
+    """``out`` with every floating tensor in float32 (autocast leaves bf16 activations).
+
+    The losses then run in float32: the tree filter's products of edge weights, the gated
+    CRF's kernel sums and the softmax would lose too much in bf16 (8 bits of mantissa).
+    """
+    def f32(t: Optional[Tensor]) -> Optional[Tensor]:
+        return t.float() if t is not None and t.is_floating_point() else t
+
+    return SegOutput(logits=f32(out.logits), aux_logits=tuple(f32(a) for a in out.aux_logits),
+                     gates=f32(out.gates), features=f32(out.features),
+                     decoder_features=f32(out.decoder_features))
 
 
 def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:
@@ -94,7 +109,10 @@ class SiteTrainer:
             crf_radius=cfg.crf_radius, crf_downsample=cfg.crf_downsample,
             tree_gray_as_rgb=cfg.tree_gray_as_rgb, sc_grad=cfg.sc_grad))
         self.optimizer = self.new_optimizer()
-        self.batches = InfiniteBatches(self.train_set, cfg.batch_size, seed=cfg.seed * 1000 + cid)
+        # prefetching builds the same batches on background threads (same seed, same state)
+        stream = InfiniteBatches(self.train_set, cfg.batch_size, seed=cfg.seed * 1000 + cid)
+        self.batches = stream if cfg.prefetch == 0 else PrefetchBatches(
+            stream, cfg.prefetch, pin_memory=self.device.type == "cuda")
         self.rule = build_rule(cfg.strategy, cfg)
         self.step = 0
         self.rounds_done = 0
@@ -176,17 +194,57 @@ class SiteTrainer:
         return select_keys(self.model, list(include), list(exclude))
 
     # ------------------------------------------------------------------ training
+    def forward_loss(self, batch: Batch, extra_loss: Optional[Callable[[nn.Module], Tensor]] = None
+                     ) -> Tuple[Tensor, Dict[str, object]]:
+        """Network forward (bf16 autocast when ``cfg.amp``) and the objective in float32.
+
+        Parameters
+        ----------
+        batch : dict
+            ``image`` (B, C, H, W) and ``label`` (B, H, W) on the trainer's device.
+        extra_loss : callable, optional
+            Added to the objective (e.g. FedProx's proximal term), computed in float32.
+
+        Returns
+        -------
+        loss : Tensor
+            Scalar with graph.
+        terms : dict
+            The objective's unweighted terms as floats, then ``extra`` (when given) and
+            ``total`` as detached 0-d tensors, left on the device (no synchronisation).
+        """
+        with torch.autocast(self.device.type, dtype=torch.bfloat16, enabled=self.cfg.amp):
+            out = self.model(batch["image"])
+        if self.cfg.amp:
+            out = float32_output(out)
+        result = self.objective(self.model, out, batch["image"], batch["label"],
+                                site=self.cid, num_sites=self.cfg.num_clients)
+        loss = result.total
+        terms: Dict[str, object] = dict(result.terms)
+        if extra_loss is not None:
+            extra = extra_loss(self.model)
+            loss = loss + extra
+            terms["extra"] = extra.detach()
+        terms["total"] = loss.detach()
+        return loss, terms
+
     def run_iterations(self, n: int, trainable: Callable[[str], bool],
                        extra_loss: Optional[Callable[[nn.Module], Tensor]] = None) -> Dict[str, float]:
         """``n`` optimiser steps on the parameters for which ``trainable(name)`` holds.
 
         Frozen parameters get ``requires_grad=False`` and no gradient tensor, so AdamW leaves
         them (and their moments) untouched: no weight decay on frozen weights.
+
+        The loop itself never waits for the device: the terms that live on it (``total``,
+        ``extra``) are kept as tensors and fetched in one transfer after the last step, when
+        every step's TensorBoard scalars (``loss/<term>``, ``lr``, at their own step numbers)
+        are written. The objective's own terms arrive as floats (see
+        :class:`losses.objective.ObjectiveResult`).
         """
         params = dict(self.model.named_parameters())
         for name, p in params.items():
             p.requires_grad_(bool(trainable(name)))
-        sums: Dict[str, float] = {}
+        steps: list = []  # (step number, lr, terms) per step
         lr = self.cfg.base_lr
         self.model.train()
         try:
@@ -196,30 +254,32 @@ class SiteTrainer:
                     group["lr"] = lr
                 batch = self.next_batch()
                 torch.manual_seed(self.cfg.seed * 1_000_003 + self.cid * 10_007 + self.step)
-                out = self.model(batch["image"])
-                result = self.objective(self.model, out, batch["image"], batch["label"],
-                                        site=self.cid, num_sites=self.cfg.num_clients)
-                loss = result.total
-                terms = dict(result.terms)
-                if extra_loss is not None:
-                    extra = extra_loss(self.model)
-                    loss = loss + extra
-                    terms["extra"] = float(extra.detach())
-                terms["total"] = float(loss.detach())
+                loss, terms = self.forward_loss(batch, extra_loss)
                 self.optimizer.zero_grad(set_to_none=True)
                 loss.backward()
                 self.optimizer.step()
                 self.step += 1
-                for key, value in terms.items():
-                    sums[key] = sums.get(key, 0.0) + value
-                    self.writer.add_scalar(f"loss/{key}", value, self.step)
-                self.writer.add_scalar("lr", lr, self.step)
+                steps.append((self.step, lr, terms))
         finally:
             for p in params.values():
                 p.requires_grad_(True)
-        metrics = {k: v / max(n, 1) for k, v in sums.items()}
+        metrics = self.log_steps(steps)
         metrics["lr"] = lr
         return metrics
+
+    def log_steps(self, steps: list) -> Dict[str, float]:
+        """Fetch the steps' device terms in one transfer, write their TensorBoard scalars and
+        return the mean of every term over the steps (summed in step order, as floats)."""
+        on_device = [v for _, _, terms in steps for v in terms.values() if isinstance(v, Tensor)]
+        fetched = iter(torch.stack([v.double() for v in on_device]).tolist() if on_device else [])
+        sums: Dict[str, float] = {}
+        for step, lr, terms in steps:
+            for key, value in terms.items():
+                value = next(fetched) if isinstance(value, Tensor) else value
+                sums[key] = sums.get(key, 0.0) + value
+                self.writer.add_scalar(f"loss/{key}", value, step)
+            self.writer.add_scalar("lr", lr, step)
+        return {k: v / max(len(steps), 1) for k, v in sums.items()}
 
     def train(self, arrays: Mapping[str, np.ndarray], config: Mapping[str, object]
               ) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:

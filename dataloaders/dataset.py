@@ -18,9 +18,11 @@ Images stored as ``uint8`` are rescaled by 1/255; float images must lie in [0, 1
 from __future__ import annotations
 
 import os
+from collections import deque
+from concurrent.futures import Future, ThreadPoolExecutor
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any, Dict, List, Optional, Sequence, Tuple, Union
+from typing import Any, Deque, Dict, List, Optional, Sequence, Tuple, Union
 
 import numpy as np
 import torch
@@ -33,6 +35,8 @@ from .tasks import FULL_FORM, Task, get_task, label_key
 SPLIT_NAMES = ("train", "val", "test")
 #: Float images may exceed [0, 1] by this much (rounding); they are clipped.
 RANGE_TOLERANCE = 1e-4
+#: What :meth:`InfiniteBatches.draw` returns: the batch's dataset indices and sample seeds.
+BatchPlan = Tuple[List[int], List[int]]
 
 
 def split_train_val(
@@ -357,11 +361,31 @@ class InfiniteBatches:
         return out
 
     def __next__(self) -> Dict[str, Any]:
+        return self.make_batch(self.draw())
+
+    def draw(self) -> BatchPlan:
+        """Indices and augmentation seeds of the next batch (advances the stream; cheap).
+
+        Returns
+        -------
+        indices, seeds : list of int
+            ``batch_size`` dataset indices and one seed per sample.
+        """
         indices = self.next_indices()
         seeds = self._rng.integers(0, 2**63 - 1, size=len(indices))
+        return indices, [int(s) for s in seeds]
+
+    def make_batch(self, plan: BatchPlan) -> Dict[str, Any]:
+        """The batch of a plan from :meth:`draw`: read, augment and collate (the costly part).
+
+        It depends on ``plan`` alone (no stream state), so it may run on another thread.
+        Returns ``{'image': (B, C, H, W) float32, 'label': (B, H, W) int64, 'case': list}``
+        plus ``'mask'`` when the dataset has full masks.
+        """
+        indices, seeds = plan
         get = getattr(self.dataset, "sample", None)
         if get is not None:
-            samples = [get(i, np.random.default_rng(int(s))) for i, s in zip(indices, seeds)]
+            samples = [get(i, np.random.default_rng(s)) for i, s in zip(indices, seeds)]
         else:
             samples = [self.dataset[i] for i in indices]
         return collate(samples)
@@ -375,3 +399,90 @@ class InfiniteBatches:
         self._rng.bit_generator.state = state["rng"]
         self._order = np.asarray(state["order"], dtype=np.int64)
         self._pos = int(state["pos"])
+
+
+class PrefetchBatches:
+    """:class:`InfiniteBatches` with reading, augmentation and collation on background threads.
+
+    The plans (indices and sample seeds, :meth:`InfiniteBatches.draw`) are drawn on the
+    calling thread, in order, so the batches are exactly those of the wrapped stream; only
+    :meth:`InfiniteBatches.make_batch`, which depends on its plan alone, runs on ``depth``
+    worker threads (the augmentation's SciPy resampling releases the GIL). While the caller
+    trains on one batch, the next ``depth`` are being built.
+
+    :meth:`state_dict` is the position of the *consumer* (the state before the first batch
+    drawn but not yet returned), in the format of :meth:`InfiniteBatches.state_dict`, so a
+    checkpoint resumes identically with or without prefetching.
+
+    Parameters
+    ----------
+    stream : InfiniteBatches
+        The stream to prefetch from; it must not be advanced by anyone else.
+    depth : int
+        Batches in flight (and worker threads), >= 1.
+    pin_memory : bool
+        Return page-locked tensors (for asynchronous copies to a CUDA device).
+    """
+
+    def __init__(self, stream: InfiniteBatches, depth: int = 2, pin_memory: bool = False) -> None:
+        if isinstance(depth, bool) or not isinstance(depth, int) or depth < 1:
+            raise ValueError(f"prefetch depth must be an integer >= 1, got {depth!r}")
+        self.stream = stream
+        self.depth = depth
+        self.pin_memory = pin_memory
+        self._pending: Deque[Tuple[Dict[str, Any], Future]] = deque()
+        self._pool: Optional[ThreadPoolExecutor] = None
+
+    @property
+    def dataset(self) -> Dataset:
+        return self.stream.dataset
+
+    @property
+    def batch_size(self) -> int:
+        return self.stream.batch_size
+
+    def __iter__(self) -> "PrefetchBatches":
+        return self
+
+    def __next__(self) -> Dict[str, Any]:
+        self._fill(1)
+        _, future = self._pending.popleft()
+        self._fill(self.depth)  # keep the workers busy while the caller trains
+        return future.result()
+
+    def _fill(self, count: int) -> None:
+        """Draw plans (on this thread) until ``count`` batches are in flight."""
+        if self._pool is None:
+            self._pool = ThreadPoolExecutor(max_workers=self.depth, thread_name_prefix="batches")
+        while len(self._pending) < count:
+            state = self.stream.state_dict()
+            plan = self.stream.draw()
+            self._pending.append((state, self._pool.submit(self._build, plan)))
+
+    def _build(self, plan: BatchPlan) -> Dict[str, Any]:
+        batch = self.stream.make_batch(plan)
+        if self.pin_memory:
+            batch = {k: v.pin_memory() if isinstance(v, torch.Tensor) else v for k, v in batch.items()}
+        return batch
+
+    def _discard(self) -> None:
+        """Forget the batches in flight (a running one finishes and is dropped)."""
+        for _, future in self._pending:
+            future.cancel()
+        self._pending.clear()
+
+    def state_dict(self) -> Dict[str, Any]:
+        """Position of the consumer, in the format of :meth:`InfiniteBatches.state_dict`."""
+        return self._pending[0][0] if self._pending else self.stream.state_dict()
+
+    def load_state_dict(self, state: Dict[str, Any]) -> None:
+        """Resume from ``state`` (from either stream class); batches in flight are dropped."""
+        self._discard()
+        self.stream.load_state_dict(state)
+
+    def close(self) -> None:
+        """Drop the batches in flight and stop the worker threads."""
+        self._discard()
+        if self._pool is not None:
+            self._pool.shutdown(wait=False, cancel_futures=True)
+            self._pool = None
