@@ -55,7 +55,7 @@ class RunConfig:
     tree_sigma_high: float = 1.0
     # reference fidelity (docs/federated.md, "differences from the reference")
     tree_gray_as_rgb: bool = True  # 1-channel images build the image tree as if repeated to RGB
-    sc_grad: bool = True  # site-contrastive term trains the model (reference: no gradient)
+    sc_grad: bool = False  # the site-contrastive term is computed without gradient, as the reference (docs/results.md: the ablation)
     rotate_order: int = 0  # image interpolation of the free rotation (0: nearest, the reference)
     rotate_fill: float = -1.0  # image fill of the free rotation (< 0: the task's reference fill)
     reset_optimizer: bool = True  # fresh AdamW state every round (the reference); False: one per run

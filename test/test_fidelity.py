@@ -175,12 +175,12 @@ def test_seeded_augmentation_is_reproducible(tmp_path, make_h5_site):
 def test_trainer_passes_rotation_and_objective_switches(tiny_federation, tmp_path):
     t = SiteTrainer(tiny_run_config(tiny_federation, tmp_path), cid=0)
     assert (t.train_set.rotate_order, t.train_set.rotate_fill) == (0, pytest.approx(0.8))
-    assert t.objective.config.tree_gray_as_rgb and t.objective.config.sc_grad
+    assert t.objective.config.tree_gray_as_rgb and not t.objective.config.sc_grad  # the reference's
     cfg = tiny_run_config(tiny_federation, tmp_path, rotate_order=1, rotate_fill=0.3,
-                          tree_gray_as_rgb=False, sc_grad=False)
+                          tree_gray_as_rgb=False, sc_grad=True)
     t = SiteTrainer(cfg, cid=0)
     assert (t.train_set.rotate_order, t.train_set.rotate_fill) == (1, pytest.approx(0.3))
-    assert not t.objective.config.tree_gray_as_rgb and not t.objective.config.sc_grad
+    assert not t.objective.config.tree_gray_as_rgb and t.objective.config.sc_grad
 
 
 # ---------------------------------------------------------------- 3. FedALA's stopping rule
