@@ -58,6 +58,7 @@ from typing import Callable, Dict, Iterator, List, Optional, Tuple
 import torch
 
 import losses.objective as objective_module
+from benchmarks.bench_losses import cpu_model
 import losses.tree_energy as tree_energy_module
 from clients.trainer import SiteTrainer
 from configs import RunConfig
@@ -357,12 +358,7 @@ def federated_round(args: argparse.Namespace, data: Path, out: Path) -> Dict[str
 def device_name(device: torch.device) -> str:
     if device.type == "cuda":
         return torch.cuda.get_device_name(device)
-    model = platform.processor() or "unknown CPU"
-    try:
-        with open("/proc/cpuinfo") as f:
-            model = next(line.split(":", 1)[1].strip() for line in f if line.startswith("model name"))
-    except (OSError, StopIteration):
-        pass
+    model = cpu_model()
     load = ", load average %.1f / %.1f / %.1f" % os.getloadavg() if hasattr(os, "getloadavg") else ""
     return f"{model}, {os.cpu_count()} cores, {torch.get_num_threads()} torch thread(s){load}"
 

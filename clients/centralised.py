@@ -41,7 +41,6 @@ from typing import Any, Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
-import torch.nn.functional as F
 from torch import Tensor
 from torch.utils.data import Dataset
 
@@ -53,6 +52,7 @@ from networks.checkpoint import run_meta, save_atomic
 from networks.factory import build_for_run
 
 from .evaluation import predict
+from .trainer import batch_to
 from .evaluation import validate as validate_site
 from .overlay import overlay
 from .trainer import poly_lr, resolve_device
@@ -184,13 +184,7 @@ class CentralTrainer:
 
     def to_device(self, image: Tensor, label: Tensor) -> Tuple[Tensor, Tensor]:
         """A batch on the device, resized to ``img_size`` when one is set (as the sites do)."""
-        image = image.to(self.device, non_blocking=True)
-        label = label.to(self.device, non_blocking=True)
-        size = self.cfg.img_size
-        if size and tuple(image.shape[-2:]) != (size, size):
-            image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
-            label = F.interpolate(label[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
-        return image, label
+        return batch_to(image, label, self.device, self.cfg.img_size)
 
     def next_batch(self) -> Dict[str, Any]:
         """The next pooled batch: ``image``, ``label`` on the device, ``site`` (list of int),

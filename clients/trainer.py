@@ -46,6 +46,17 @@ def _groups(config: Mapping[str, object], key: str) -> list:
     return [g for g in str(config.get(key, "")).split(",") if g]
 
 
+def batch_to(image: Tensor, label: Tensor, device: torch.device, size: int) -> Tuple[Tensor, Tensor]:
+    """Images (B, C, H, W) and labels (B, H, W) on ``device``, resized to ``size`` x ``size``
+    (bilinear images, nearest labels) when ``size`` is set and differs."""
+    image = image.to(device, non_blocking=True)
+    label = label.to(device, non_blocking=True)
+    if size and tuple(image.shape[-2:]) != (size, size):
+        image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
+        label = F.interpolate(label[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+    return image, label
+
+
 def is_global_eval_round(server_round: int, eval_every: int) -> bool:
     """Whether the global model received in ``server_round`` (the aggregate of round
     ``server_round - 1``) is validated: the aggregates of rounds ``eval_every``,
@@ -150,12 +161,7 @@ class SiteTrainer:
 
     def to_device(self, image: Tensor, label: Tensor) -> Batch:
         """Move a batch to the trainer's device, resized to ``img_size`` when one is set."""
-        image = image.to(self.device, non_blocking=True)
-        label = label.to(self.device, non_blocking=True)
-        size = self.cfg.img_size
-        if size and tuple(image.shape[-2:]) != (size, size):
-            image = F.interpolate(image, size=(size, size), mode="bilinear", align_corners=False)
-            label = F.interpolate(label[:, None].float(), size=(size, size), mode="nearest")[:, 0].long()
+        image, label = batch_to(image, label, self.device, self.cfg.img_size)
         return {"image": image, "label": label}
 
     def sample_batches(self, fraction: float, seed: int) -> Iterable[Batch]:
