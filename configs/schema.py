@@ -91,10 +91,17 @@ class RunConfig:
     mode: str = "deployment"
     port: int = 8097
     gpus: List[int] = field(default_factory=list)
-    cpus_per_client: float = 1.0
+    cpus_per_client: float = 0.0  # CPU threads per site; 0: the machine's cores shared out (site_threads)
     # speed (docs/benchmarks.md, "Training step"): neither key changes which batches are drawn
     amp: bool = False  # bf16 autocast of the network's forward pass; the losses stay float32
     prefetch: int = 2  # batches built ahead on background threads (0: on the training thread)
+
+    def site_threads(self, sites_here: Optional[int] = None) -> int:
+        """CPU threads of one site: ``cpus_per_client``, or with 0 the cores of this machine
+        shared by the sites it runs (``sites_here``, default ``num_clients``), at least 1."""
+        if self.cpus_per_client > 0:
+            return max(1, int(self.cpus_per_client))
+        return max(1, (os.cpu_count() or 1) // max(1, sites_here or self.num_clients))
 
     @property
     def exp_name(self) -> str:
@@ -128,6 +135,7 @@ class RunConfig:
             (self.ala_max_epochs >= 0, "ala_max_epochs must be >= 0"),
             (self.ft_iters >= 0, "ft_iters must be >= 0"),
             (self.ft_lr >= 0.0, "ft_lr must be >= 0 (0: base_lr)"),
+            (self.cpus_per_client >= 0, "cpus_per_client must be >= 0 (0: share the cores)"),
             (self.prefetch >= 0, f"prefetch = {self.prefetch} must be >= 0 (0: no background threads)"),
         ]
         for ok, message in checks:

@@ -494,7 +494,7 @@ def run_deployment(cfg, options: Optional[DeployOptions] = None) -> int:
     try:
         with interrupts_raise():
             start_superlink(group, plan.superlink, flwr_home, opts)
-            threads = max(1, int(cfg.cpus_per_client))
+            threads = cfg.site_threads()
             sites = [start_site(group, cid, snapshot, superlink, out_dir, plan,
                                 gpu_for(cid, gpus), opts, threads=threads, wait=False)
                      for cid in range(cfg.num_clients)]
@@ -563,7 +563,7 @@ def serve_site(snapshot: Path, cid: int, superlink: str, port: int, gpu: Optiona
     try:
         with interrupts_raise():
             site = start_site(group, cid, snapshot, superlink, out_dir, plan, gpu, opts,
-                              threads=max(1, int(cfg.cpus_per_client)), overrides=overrides)
+                              threads=cfg.site_threads(sites_here=1), overrides=overrides)
             log.info("client %d joined %s; Ctrl-C to leave", site.cid, superlink)
             return _block(group)
     except Interrupted as err:

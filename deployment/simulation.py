@@ -26,7 +26,7 @@ def federation_config(cfg, num_gpus: float) -> str:
     """``--federation-config`` of ``flwr run``: one virtual SuperNode per client and the
     resources of each ClientApp (Ray actor)."""
     return (f"num-supernodes={int(cfg.num_clients)} "
-            f"client-resources-num-cpus={max(1, int(cfg.cpus_per_client))} "
+            f"client-resources-num-cpus={cfg.site_threads()} "
             f"client-resources-num-gpus={float(num_gpus)} "
             f"init-args-logging-level='error'")
 

@@ -111,3 +111,17 @@ def test_global_model_is_validated_before_local_training(tiny_federation, tmp_pa
     final = trainer.evaluate(sent, _round_config(3, **{"validate-global": True}))
     assert final["val_dice_global"] == pytest.approx(expected)
     assert "val_dice_global" not in trainer.evaluate(sent, _round_config(3))
+
+
+def test_site_threads_share_the_cores_unless_pinned(monkeypatch):
+    import os
+
+    from configs import RunConfig
+
+    monkeypatch.setattr(os, "cpu_count", lambda: 16)
+    assert RunConfig(num_clients=5).site_threads() == 3
+    assert RunConfig(num_clients=5).site_threads(sites_here=1) == 16
+    assert RunConfig(num_clients=40).site_threads() == 1
+    assert RunConfig(num_clients=5, cpus_per_client=2).site_threads() == 2
+    with pytest.raises(ValueError, match="cpus_per_client"):
+        RunConfig(cpus_per_client=-1).validate()
