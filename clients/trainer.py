@@ -326,7 +326,14 @@ class SiteTrainer:
                  f"{metrics['val_dice']:.4f}" if "val_dice" in metrics else "-", metrics["seconds"])
         metrics["num-examples"] = float(len(self.train_set))
         metrics["cid"] = float(self.cid)
-        return self.state_of(shared), metrics
+        reply = self.state_of(shared)
+        extra = self.rule.extra_reply(self, server_round)
+        clash = sorted(set(extra) & set(reply))
+        if clash:
+            raise ValueError(f"client {self.cid}: the {self.rule.name} rule's extra reply "
+                             f"arrays reuse model keys {clash[:3]}")
+        reply.update(extra)
+        return reply, metrics
 
     def divergence(self, metrics: Mapping[str, float]) -> str:
         """Why this round's result must not leave the site ('' when it is finite)."""

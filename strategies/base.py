@@ -101,6 +101,8 @@ class PersonalizedStrategy(Strategy):
         self.reporter = reporter
         self.node_timeout = node_timeout
         self.node_ids: List[int] = []
+        #: client id of each node, learnt from the replies (``cid`` metric)
+        self.node_cid: Dict[int, int] = {}
         self._sent = 0
         self._global_sent: Optional[ArrayRecord] = None
 
@@ -172,6 +174,11 @@ class PersonalizedStrategy(Strategy):
         if len(replies) < self._sent:
             raise RuntimeError(f"round {server_round} {phase}: {len(replies)} of "
                                f"{self._sent} clients answered")
+        for m in replies:
+            record = m.content.metric_records.get("metrics")
+            cid = None if record is None else record.get("cid")
+            if cid is not None:
+                self.node_cid[int(m.metadata.src_node_id)] = int(cid)
         contents = [m.content for m in replies]
         return sorted(contents, key=lambda c: float(c["metrics"].get("cid", -1.0)))
 

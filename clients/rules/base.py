@@ -34,6 +34,11 @@ class LocalRule:
     def local_train(self, trainer: "SiteTrainer", server_round: int) -> Dict[str, float]:
         return trainer.run_iterations(self.cfg.iters, lambda name: True)
 
+    def extra_reply(self, trainer: "SiteTrainer", server_round: int) -> Dict[str, np.ndarray]:
+        """Arrays the site sends with its update beyond the shared model tensors (e.g. FedAP's
+        BN statistics); their keys must not be model keys."""
+        return {}
+
     def state_dict(self) -> Dict[str, object]:
         return {}
 
