@@ -104,3 +104,49 @@ def tiny_run_config(root: Path, out_root: Path, **overrides):
                   ala_max_epochs=2, seed=7)
     values.update(overrides)
     return RunConfig(**values).validate()
+
+
+class InProcessGrid:
+    """A Grid for ``Strategy.start`` that hands every message to an in-process site worker
+    (the deployment's :class:`deployment.worker.SiteWorker`) and records the traffic."""
+
+    def __init__(self, cfg, node_ids=None):
+        from deployment.worker import SiteWorker
+
+        # node ids unrelated to client ids by default, as a SuperLink assigns them
+        node_ids = node_ids or [9000 - 17 * k for k in range(cfg.num_clients)]
+        self.workers = {n: SiteWorker(cfg, k) for k, n in enumerate(node_ids)}
+        self.traffic = []  # (op, server round, node, arrays sent, reply)
+
+    def get_node_ids(self):
+        return list(self.workers)
+
+    def send_and_receive(self, messages, timeout=None):
+        from flwr.app import Message, MessageType, MetricRecord, RecordDict
+
+        from strategies.base import to_numpy, to_record
+
+        replies = []
+        for msg in messages:
+            op = "train" if msg.metadata.message_type == MessageType.TRAIN else "evaluate"
+            config = dict(msg.content["config"].items())
+            arrays = to_numpy(msg.content["arrays"])
+            reply = self.workers[msg.metadata.dst_node_id].handle(
+                {"op": op, "config": config, "arrays": arrays})
+            assert reply["ok"], reply.get("error")
+            self.traffic.append((op, int(config["server-round"]), msg.metadata.dst_node_id,
+                                 arrays, reply))
+            content = {"metrics": MetricRecord(reply["metrics"])}
+            if op == "train":
+                content["arrays"] = to_record(reply["arrays"])
+            replies.append(Message(RecordDict(content), reply_to=msg))
+        return replies
+
+
+@pytest.fixture
+def task_identity(monkeypatch):
+    """Flower 1.42 builds messages only inside a task: give this process one."""
+    from flwr.supercore.task_identity import TaskIdentity
+
+    for name in ("_run_id", "_node_id", "_task_id"):
+        monkeypatch.setattr(TaskIdentity, name, 1)

@@ -21,7 +21,7 @@ import torch
 
 import flower_runner
 import preflight
-from conftest import free_base, tiny_run_config
+from conftest import InProcessGrid, free_base, task_identity, tiny_run_config  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -155,50 +155,6 @@ def test_fine_tuning_needs_the_whole_global_model_and_ends_the_run(tiny_federati
 
 
 # ---------------------------------------------------------------------- FT, the whole server
-class InProcessGrid:
-    """A Grid for ``Strategy.start`` that hands every message to an in-process site worker
-    (the deployment's :class:`deployment.worker.SiteWorker`) and records the traffic."""
-
-    def __init__(self, cfg):
-        from deployment.worker import SiteWorker
-
-        self.workers = {100 + k: SiteWorker(cfg, k) for k in range(cfg.num_clients)}
-        self.traffic = []  # (op, server round, node, arrays sent, reply)
-
-    def get_node_ids(self):
-        return list(self.workers)
-
-    def send_and_receive(self, messages, timeout=None):
-        from flwr.app import Message, MessageType, MetricRecord, RecordDict
-
-        from strategies.base import to_numpy, to_record
-
-        replies = []
-        for msg in messages:
-            op = "train" if msg.metadata.message_type == MessageType.TRAIN else "evaluate"
-            config = dict(msg.content["config"].items())
-            arrays = to_numpy(msg.content["arrays"])
-            reply = self.workers[msg.metadata.dst_node_id].handle(
-                {"op": op, "config": config, "arrays": arrays})
-            assert reply["ok"], reply.get("error")
-            self.traffic.append((op, int(config["server-round"]), msg.metadata.dst_node_id,
-                                 arrays, reply))
-            content = {"metrics": MetricRecord(reply["metrics"])}
-            if op == "train":
-                content["arrays"] = to_record(reply["arrays"])
-            replies.append(Message(RecordDict(content), reply_to=msg))
-        return replies
-
-
-@pytest.fixture
-def task_identity(monkeypatch):
-    """Flower 1.42 builds messages only inside a task: give this process one."""
-    from flwr.supercore.task_identity import TaskIdentity
-
-    for name in ("_run_id", "_node_id", "_task_id"):
-        monkeypatch.setattr(TaskIdentity, name, 1)
-
-
 def test_ft_changes_only_local_copies_after_the_last_round(tiny_federation, tmp_path,
                                                            task_identity):
     import test_client
