@@ -244,6 +244,13 @@ def resolve_layers(args: argparse.Namespace) -> Tuple[RunConfig, Dict[str, str]]
         merged.update(values)
         sources.update({k: source for k in values})
     merged["strategy"] = strategy.name
+    if sources.get("rep_iters", "").startswith("strategy") and "iters" in merged:
+        # a method's default share of body steps, on a schedule shorter than it: keep at least
+        # one head step (the default suits the reference's iters = 10)
+        capped = max(0, min(int(merged["rep_iters"]), int(merged["iters"]) - 1))
+        if capped != merged["rep_iters"]:
+            merged["rep_iters"] = capped
+            sources["rep_iters"] += f", capped below iters = {merged['iters']}"
     sources["config file"] = str(path) if path is not None else "none"
     cfg = RunConfig.from_mapping(merged, "command line")
     cfg.exp = cfg.exp_name

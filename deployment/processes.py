@@ -78,6 +78,23 @@ def free_port(host: str = "127.0.0.1") -> int:
         return int(sock.getsockname()[1])
 
 
+def free_port_base(span: int, host: str = "127.0.0.1") -> int:
+    """A base port with ``span`` free ports above it, drawn below the ephemeral range (for a
+    deployment that needs a block of ports: tests, benchmarks)."""
+    import random
+    import time
+
+    rng = random.Random(os.getpid() ^ time.monotonic_ns())
+    for _ in range(200):
+        base = rng.randrange(20000, 32000)
+        try:
+            check_ports_free({f"p{i}": base + i for i in range(span)}, host)
+            return base
+        except PortBusyError:
+            continue
+    raise RuntimeError(f"no block of {span} free ports found on {host}")
+
+
 def port_open(host: str, port: int, timeout: float = 0.2) -> bool:
     try:
         with socket.create_connection((host, port), timeout=timeout):

@@ -21,20 +21,9 @@ SEED_TRAIN = ("--port 8097 --procedure flower_pCE_2D_GateCRFMsacleTreeEnergyLoss
 
 def free_base(span: int) -> int:
     """A base port with ``span`` free ports above it (below the ephemeral range)."""
-    import random
-    import time
+    from deployment.processes import free_port_base
 
-    from deployment.processes import PortBusyError, check_ports_free
-
-    rng = random.Random(os.getpid() ^ time.monotonic_ns())
-    for _ in range(200):
-        base = rng.randrange(20000, 32000)
-        try:
-            check_ports_free({f"p{i}": base + i for i in range(span)})
-            return base
-        except PortBusyError:
-            continue
-    raise RuntimeError("no free port range found")
+    return free_port_base(span)
 
 
 def real_faz_root() -> Path:
