@@ -42,6 +42,10 @@ def check_names(cfg: RunConfig) -> None:
     if cfg.ft_iters and not getattr(strategy, "fine_tunes", False):
         _fail("ft_iters", f"{cfg.ft_iters}: only FT fine-tunes after the last round; "
                           f"{strategy.name} would ignore it (set ft_iters = 0, or --strategy FT)")
+    if cfg.model.endswith("_calib") and not getattr(strategy, "calibrates", False):
+        _fail("model", f"{cfg.model!r} carries FedLC's calibration head, which only FedLC trains "
+                       f"and deploys; use it with --strategy FedLC, or {cfg.model[:-6]!r} with "
+                       f"{strategy.name}")
     refuses = getattr(strategy, "refuses", None)  # a method's own refusals: (key, reason)
     problem = refuses(cfg) if refuses is not None else None
     if problem:

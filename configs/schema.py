@@ -84,6 +84,13 @@ class RunConfig:
     # FT: FedAvg, then each site fine-tunes the final global model (strategies/ft.py)
     ft_iters: int = 0  # fine-tuning iterations per site after the last round (0: none; FT's default 200)
     ft_lr: float = 0.0  # initial lr of the fine-tuning's own poly decay (0: base_lr; FT's default 0.001)
+    # MetaFed: cyclic knowledge distillation around a ring of sites (strategies/metafed.py)
+    metafed_lambda: float = 1.0  # weight of the feature-distillation MSE (the original's --lam default)
+    metafed_threshold: float = 0.6  # validation Dice above which a site distils from its teacher instead of copying it (1: always copy)
+    metafed_teacher_threshold: float = 0.5  # personalisation: a teacher no better than the site and below this Dice teaches with weight 0
+    # FedAP: FedAvg pre-training, then BN local and per-client weights from BN statistics (strategies/fedap.py)
+    fedap_pretrain_rounds: int = 0  # FedAvg rounds before the BN statistics (0: a tenth of rounds, at least 1)
+    fedap_lambda: float = 0.5  # weight of the own model in each client's aggregate (the original's model_momentum)
     # validation, logging
     eval_every: int = 1
     tb_images_every: int = 0  # TensorBoard predictions: 0 at every validation round; N: validation rounds divisible by N (and the last)
@@ -102,6 +109,12 @@ class RunConfig:
         if self.cpus_per_client > 0:
             return max(1, int(self.cpus_per_client))
         return max(1, (os.cpu_count() or 1) // max(1, sites_here or self.num_clients))
+
+    @property
+    def fedap_pretrain(self) -> int:
+        """FedAP's rounds of FedAvg pre-training: ``fedap_pretrain_rounds``, or with 0 a tenth
+        of ``rounds`` (at least 1)."""
+        return self.fedap_pretrain_rounds or max(1, self.rounds // 10)
 
     @property
     def exp_name(self) -> str:
@@ -135,6 +148,13 @@ class RunConfig:
             (self.ala_max_epochs >= 0, "ala_max_epochs must be >= 0"),
             (self.ft_iters >= 0, "ft_iters must be >= 0"),
             (self.ft_lr >= 0.0, "ft_lr must be >= 0 (0: base_lr)"),
+            (self.metafed_lambda >= 0.0, "metafed_lambda must be >= 0"),
+            (0.0 <= self.metafed_threshold <= 1.0,
+             "metafed_threshold must lie in [0, 1] (a validation Dice; 1: never distil, always copy)"),
+            (0.0 <= self.metafed_teacher_threshold <= 1.0,
+             "metafed_teacher_threshold must lie in [0, 1] (a validation Dice)"),
+            (self.fedap_pretrain_rounds >= 0, "fedap_pretrain_rounds must be >= 0 (0: a tenth of rounds)"),
+            (0.0 <= self.fedap_lambda <= 1.0, "fedap_lambda must lie in [0, 1]"),
             (self.cpus_per_client >= 0, "cpus_per_client must be >= 0 (0: share the cores)"),
             (self.prefetch >= 0, f"prefetch = {self.prefetch} must be >= 0 (0: no background threads)"),
         ]

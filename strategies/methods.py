@@ -1,2 +1,2 @@
 """Importing this module registers every server strategy."""
-from . import centralised, fedala, fedavg, fedbn, fedicra, fedprox, fedrep, ft, local  # noqa: F401
+from . import centralised, fedala, fedap, fedavg, fedbn, fedicra, fedlc, fedprox, fedrep, ft, local, metafed  # noqa: F401
