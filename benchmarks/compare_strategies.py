@@ -132,6 +132,8 @@ def train_command(args: argparse.Namespace, method: Method, port: int) -> List[s
             ["--set", f"{key}={value}"]
     for item in args.set:
         cmd += ["--set", item]
+    if args.gpus is not None:
+        cmd += ["--gpus", *map(str, args.gpus)]
     return cmd
 
 
@@ -320,6 +322,8 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         p.add_argument(f"--{flag}", type=kind, help=f"--{flag} of every run")
     p.add_argument("--mode", choices=("deployment", "simulation"),
                    help="how each federation runs (default: the runner's)")
+    p.add_argument("--gpus", type=int, nargs="*", default=None,
+                   help="GPU ids the clients of every run are spread over (none: CPU)")
     p.add_argument("--device", default="", help="device of test_client.py (default: CUDA if any)")
     p.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                    help="any other configuration key for every run")
