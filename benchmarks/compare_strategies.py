@@ -309,10 +309,31 @@ def write_reports(out: Path, methods: Sequence[Method], title: str) -> List[Path
     return [out / "comparison.csv", out / "comparison.md", out / "val_dice.png"]
 
 
+#: Rows that are not competitors of FedICRA: the ablation and the centralised references.
+NOT_BASELINES = ("FedICRA", "FedAvg + full objective", "CT-weak", "CT-full")
+
+
+def best_baseline(out: Path, target: str = "") -> str:
+    """The ``--methods`` name of the compared method with the highest mean-of-sites test Dice
+    in ``out/comparison.csv`` (averaged over targets unless ``target`` is given), leaving out
+    FedICRA, the ablation row and the centralised references."""
+    rows = [r for r in read_csv(out / "comparison.csv") if r["site"] == "mean of sites"
+            and r["method"] not in NOT_BASELINES and (not target or r["target"] == target)]
+    if not rows:
+        raise SystemExit(f"{out / 'comparison.csv'} holds no baseline yet")
+    scores: Dict[str, List[float]] = {}
+    for r in rows:
+        scores.setdefault(r["method"], []).append(float(r["dice_mean"]))
+    label = max(scores, key=lambda m: sum(scores[m]) / len(scores[m]))
+    return next(m.slug for m in all_methods() if m.label == label)
+
+
 # ---------------------------------------------------------------------- command line
 def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
-    p.add_argument("--out", required=True, type=Path, help="folder of the comparison")
+    p.add_argument("--out", type=Path, help="folder of the comparison")
+    p.add_argument("--best-baseline", type=Path, metavar="DIR",
+                   help="print the best baseline of the finished comparison DIR and exit")
     p.add_argument("--methods", default="all",
                    help="all, or a comma-separated list (e.g. FedICRA,FedAvg,FedAvg+full)")
     p.add_argument("--config", type=Path, help="run configuration TOML shared by every method")
@@ -333,8 +354,13 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
-    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stdout)
+    logging.basicConfig(level=logging.INFO, format="%(asctime)s %(message)s", stream=sys.stderr)
     args = parse_args(argv)
+    if args.best_baseline is not None:
+        print(best_baseline(args.best_baseline))
+        return 0
+    if args.out is None:
+        raise SystemExit("--out DIR is required")
     if args.config is None and args.task is None:
         raise SystemExit("give --config FILE or --task NAME (or both)")
     out = Path(args.out)

@@ -119,3 +119,15 @@ def test_every_method_end_to_end(tiny_federation, tmp_path):
     out = tmp_path / "all"
     assert cmp.main(_argv(tiny_federation, out, "all")) == 0
     _check_outputs(out, [m.label for m in cmp.all_methods()])
+
+
+def test_best_baseline_leaves_out_fedicra_the_ablation_and_the_references(tmp_path, capsys):
+    rows = []
+    for method, dice in (("FedICRA", 0.95), ("FedAvg + full objective", 0.93), ("CT-full", 0.99),
+                         ("CT-weak", 0.92), ("FedBN", 0.80), ("FedAvg", 0.70)):
+        rows.append({"method": method, "site": "mean of sites", "target": "faz", "dice_mean": dice})
+        rows.append({"method": method, "site": "client0", "target": "faz", "dice_mean": 1.0 - dice})
+    cmp.write_csv(tmp_path / "comparison.csv", rows)
+    assert cmp.best_baseline(tmp_path) == "FedBN"
+    assert cmp.main(["--best-baseline", str(tmp_path)]) == 0
+    assert capsys.readouterr().out.strip() == "FedBN"
