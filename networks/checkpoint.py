@@ -4,6 +4,7 @@ run code), and stamped with what they belong to (:func:`run_meta`), checked on l
 from __future__ import annotations
 
 import os
+import shutil
 import tempfile
 from pathlib import Path
 from typing import Any, Mapping, Optional
@@ -30,6 +31,26 @@ def save_atomic(obj: Any, path: os.PathLike) -> None:
         raise
 
 
+def copy_atomic(src: os.PathLike, dst: os.PathLike) -> None:
+    """``dst`` becomes a copy of ``src`` in one step (a hard link where the file system allows
+    it, so no bytes are copied; files written by :func:`save_atomic` are never changed in place,
+    only replaced, so the link stays a faithful copy)."""
+    src, dst = Path(src), Path(dst)
+    fd, tmp = tempfile.mkstemp(prefix=dst.name + ".", suffix=".tmp", dir=dst.parent)
+    os.close(fd)
+    try:
+        os.remove(tmp)
+        try:
+            os.link(src, tmp)
+        except OSError:
+            shutil.copyfile(src, tmp)
+        os.replace(tmp, dst)
+    except BaseException:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+        raise
+
+
 def run_meta(cfg: Any, client: Optional[int]) -> dict:
     """The stamp of a checkpoint: task, network, strategy of run ``cfg`` and the client id
     (``-1`` for the server's global model)."""
@@ -40,6 +61,11 @@ def run_meta(cfg: Any, client: Optional[int]) -> dict:
 def as_tensors(arrays: Mapping[str, np.ndarray]) -> dict:
     """NumPy arrays as tensors, storable in a ``weights_only`` checkpoint."""
     return {k: torch.from_numpy(np.array(v, copy=True)) for k, v in arrays.items()}
+
+
+def as_arrays(tensors: Mapping[str, torch.Tensor]) -> dict:
+    """The inverse of :func:`as_tensors`: tensors back to NumPy arrays (same dtype, shape)."""
+    return {k: v.detach().cpu().numpy() for k, v in tensors.items()}
 
 
 def load_checkpoint(path: os.PathLike, map_location: Any = "cpu",
