@@ -7,11 +7,15 @@ in Flower's Simulation Engine on this machine; ``--mode deployment`` starts a re
 one SuperNode and one persistent site worker per client on this machine (loopback), submits
 the run with ``flwr run`` and stops everything afterwards (see docs/deployment.md).
 
+``--resume model/<exp>`` continues an interrupted run after its last completed round, from the
+folder's own ``config.toml`` (see :func:`prepare_resume`).
+
 Across machines the same parts start apart:
 
     python flower_runner.py superlink --port P [--host 0.0.0.0]           # coordinator
     python flower_runner.py site --cid K --superlink HOST:P --config SNAP  # each hospital
     python flower_runner.py launch --superlink HOST:P --config SNAP        # submit the run
+    python flower_runner.py certs --out DIR --clients N    # TLS certificates, SuperNode keys
 """
 from __future__ import annotations
 
@@ -76,7 +80,7 @@ _FLAGS = {
 }
 
 
-SUBCOMMANDS = ("superlink", "site", "launch", "stop")
+SUBCOMMANDS = ("superlink", "site", "launch", "stop", "certs")
 
 
 def spellings(name: str) -> List[str]:
@@ -127,6 +131,42 @@ def add_deploy_flags(p: argparse.ArgumentParser) -> None:
                    help="deployment: seconds a child gets after SIGTERM before SIGKILL")
 
 
+def add_security_flags(p: argparse.ArgumentParser, auth_help: str) -> None:
+    """``--tls DIR`` and ``--auth-keys DIR``: the files of ``flower_runner.py certs``."""
+    p.add_argument("--tls", type=Path, default=None, metavar="DIR",
+                   help="deployment: TLS with DIR/server.pem, DIR/server.key and DIR/ca.crt "
+                        "(python flower_runner.py certs --out DIR); default plain HTTP")
+    p.add_argument(*spellings("auth-keys"), dest="auth_keys", type=Path, default=None,
+                   metavar="DIR", help=auth_help)
+
+
+def security_options(args: argparse.Namespace) -> Dict[str, object]:
+    """DeployOptions fields of ``--tls DIR`` / ``--auth-keys DIR`` (where a parser has them)."""
+    from deployment.certs import server_files
+
+    values: Dict[str, object] = {}
+    tls = getattr(args, "tls", None)
+    if tls is not None:
+        files = server_files(tls.resolve())
+        missing = [str(f) for f in files.values() if not f.is_file()]
+        if missing:
+            raise preflight.PreflightError(
+                f"--tls: {', '.join(missing)} not found; write them with python "
+                f"flower_runner.py certs --out {tls}")
+        values.update(ssl_certfile=str(files["certfile"]), ssl_keyfile=str(files["keyfile"]),
+                      ssl_ca_certfile=str(files["ca"]), root_certificates=str(files["ca"]))
+    keys = getattr(args, "auth_keys", None)
+    if keys is not None:
+        if not keys.is_dir():
+            raise preflight.PreflightError(f"--auth-keys: {keys} is not a folder; write the keys "
+                                           f"with python flower_runner.py certs --out {keys}")
+        if tls is None and not getattr(args, "ssl_certfile", ""):
+            raise preflight.PreflightError("--auth-keys: Flower authenticates SuperNodes only "
+                                           "over TLS; add --tls DIR")
+        values.update(auth_keys=str(keys.resolve()), enable_supernode_auth=True)
+    return values
+
+
 def add_tls_client_flags(p: argparse.ArgumentParser) -> None:
     p.add_argument(*spellings("root-certificates"), dest="root_certificates", default="",
                    help="CA certificate to verify the SuperLink's TLS certificate "
@@ -138,6 +178,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                                 epilog="subcommands for multi-machine deployments: "
                                        + ", ".join(SUBCOMMANDS) + " (see --help of each)")
     add_run_flags(p)
+    add_security_flags(p, "deployment: SuperNode authentication; SuperNode k signs with "
+                          "DIR/client<k>.key and the SuperLink admits only the registered "
+                          "DIR/client<k>.pub (python flower_runner.py certs; needs --tls)")
+    p.add_argument("--resume", type=Path, default=None, metavar="RUN_DIR",
+                   help="continue the interrupted run in RUN_DIR (model/<exp>) after its last "
+                        "completed round, with the settings of its config.toml (no other run "
+                        "flags needed; only --port, --gpus, --mode, --set cpus_per_client=N and "
+                        "the deployment process flags may change)")
     return p.parse_args(argv)
 
 
@@ -159,6 +207,8 @@ def parse_subcommand(argv: List[str]) -> argparse.Namespace:
                       help="CA certificate that signed the SuperLink's certificate (PEM)")
     link.add_argument(*spellings("enable-supernode-auth"), dest="enable_supernode_auth", action="store_true",
                       help="accept only SuperNodes whose public keys are registered (needs TLS)")
+    add_security_flags(link, "SuperNode authentication: enable it and register every "
+                             "DIR/*.pub once the SuperLink is up (needs TLS)")
     add_deploy_flags(link)
     site = sub.add_parser("site", help="start one hospital: its site worker and SuperNode")
     site.add_argument("--cid", type=int, required=True, help="client id (site index)")
@@ -181,6 +231,19 @@ def parse_subcommand(argv: List[str]) -> argparse.Namespace:
                              "the sites) and print its path")
     add_run_flags(launch)
     add_tls_client_flags(launch)
+    certs = sub.add_parser("certs", help="write a development CA, the SuperLink's TLS "
+                                          "certificate and SuperNode authentication keys")
+    certs.add_argument("--out", type=Path, required=True,
+                       help="folder (created 0700): ca.crt, ca.key, server.pem, server.key, "
+                            "client<k>.key, client<k>.pub")
+    certs.add_argument("--clients", type=int, default=5,
+                       help="SuperNode key pairs to write, client0 .. client<N-1> (default 5)")
+    certs.add_argument("--host", action="append", default=[], metavar="NAME",
+                       help="extra name or IP of the SuperLink in its certificate (repeatable; "
+                            "localhost, 127.0.0.1 and ::1 are always in)")
+    certs.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
+    certs.add_argument("--overwrite", action="store_true",
+                       help="replace existing keys and certificates (otherwise refused)")
     stop = sub.add_parser("stop", help="stop what a run left running, from its pids.json")
     stop.add_argument("run_dir", type=Path, help="the run's folder, model/<exp>")
     stop.add_argument(*spellings("stop-timeout"), dest="stop_timeout", type=float, default=10.0,
@@ -262,6 +325,87 @@ def resolve_config(args: argparse.Namespace) -> RunConfig:
     return resolve_layers(args)[0]
 
 
+def _same_value(cfg: RunConfig, key: str, value: object) -> bool:
+    """Whether flag ``key = value`` leaves run ``cfg`` as it is (paths resolved, the strategy
+    name canonicalised, ``exp`` placeholders filled in)."""
+    from strategies.registry import strategy_class
+
+    try:
+        if key == "strategy":
+            value = strategy_class(str(value)).name
+        other = cfg.override({key: value}, "command line")
+    except ValueError:
+        return False
+    if key in ("root_path", "out_root"):
+        return Path(getattr(other, key)).resolve() == Path(getattr(cfg, key)).resolve()
+    if key == "exp":
+        return other.exp_name == cfg.exp_name
+    return getattr(other, key) == getattr(cfg, key)
+
+
+def prepare_resume(args: argparse.Namespace) -> Tuple[RunConfig, Dict[str, str], Dict, int]:
+    """The configuration, sources, data counts and last completed round of ``--resume RUN_DIR``.
+
+    The run's settings are its ``config.toml`` snapshot. Flags that only say where and how it
+    runs here (``--port``, ``--gpus``, ``--mode``, ``--set cpus_per_client=N``) may change;
+    any other run flag, ``--config`` or ``--overwrite`` is refused unless it repeats the
+    snapshot's value. A folder moved since (with its ``<exp>`` path) is followed. Refused:
+    a centralised run (CT-*), a run with no completed round, a finished run. Then every
+    site's checkpoint is put back to that round (:func:`strategies.resume.rollback_sites`)
+    and the snapshot is rewritten when a local setting or the folder changed.
+    """
+    from strategies.base import LOCAL_ONLY_KEYS
+    from strategies.registry import strategy_class
+    from strategies.resume import resume_point, rollback_sites
+
+    run_dir = Path(args.resume)
+    snapshot = run_dir / "config.toml"
+    if not snapshot.is_file():
+        raise preflight.PreflightError(f"--resume: {run_dir} holds no config.toml, so it is not "
+                                       "the folder of a run (model/<exp>)")
+    saved = load_config(snapshot)
+    cfg = saved
+    here = run_dir.resolve()
+    if Path(cfg.out_dir).resolve() != here:  # the folder moved: follow it
+        parts = Path(cfg.exp_name).parts
+        if here.parts[-len(parts):] != parts:
+            raise preflight.PreflightError(
+                f"--resume: {run_dir} does not end with the snapshot's experiment path "
+                f"{cfg.exp_name!r} (its run folder was {cfg.out_dir})")
+        cfg = cfg.override({"out_root": str(Path(*here.parts[:-len(parts)]))}, "--resume folder")
+    flags = flag_values(args)
+    conflicts = []
+    for key, value in flags.items():
+        if key not in LOCAL_ONLY_KEYS and not _same_value(cfg, key, value):
+            name = f"--{key}" if key in _FLAGS else f"--set {key}="
+            conflicts.append(f"{name}{' ' if key in _FLAGS else ''}{value!r} "
+                             f"(the run's: {getattr(cfg, key, '?')!r})")
+    if args.config is not None:
+        conflicts.append(f"--config {args.config} (the run's settings are its snapshot)")
+    if args.overwrite:
+        conflicts.append("--overwrite (it would delete the run to resume)")
+    if conflicts:
+        raise preflight.PreflightError(
+            f"--resume continues the run as its snapshot {snapshot} defines it; these flags "
+            f"conflict with it: {'; '.join(conflicts)}. Drop them (only --port, --gpus, --mode, "
+            "--set cpus_per_client=N and the deployment process flags may change)")
+    local = {k: v for k, v in flags.items() if k in LOCAL_ONLY_KEYS}
+    cfg = absolute_paths(cfg.override(local, "command line").validate())
+    counts = preflight.check_run(cfg)
+    if not getattr(strategy_class(cfg.strategy), "federated", True):
+        raise preflight.PreflightError(
+            f"--resume: {cfg.strategy} is centralised training (no federated rounds to "
+            "continue) and cannot be resumed; run it again with --overwrite")
+    done = int(resume_point(cfg)["round"])
+    rollback_sites(cfg, done)
+    if cfg.to_dict() != saved.to_dict():
+        save_config(cfg, cfg.out_dir / "config.toml")
+    sources = {k: "snapshot" for k in cfg.to_dict()}
+    sources.update({k: "command line" for k in local})
+    sources["config file"] = str(snapshot)
+    return cfg, sources, counts, done
+
+
 def describe(cfg: RunConfig, sources: Mapping[str, str]) -> str:
     """One start-up line: what will be trained, and where each choice came from."""
     from dataloaders.tasks import get_task
@@ -303,9 +447,13 @@ def run_simulation_mode(cfg: RunConfig, args: argparse.Namespace) -> int:
 def deploy_options(args: argparse.Namespace, **extra):
     from deployment.launch import DeployOptions
 
+    extra.setdefault("resume", getattr(args, "resume", None) is not None)
+    for key, value in security_options(args).items():  # --tls, --auth-keys
+        extra.setdefault(key, value)
+    extra.setdefault("root_certificates", getattr(args, "root_certificates", ""))
     return DeployOptions(poll_interval=args.poll_interval, stop_timeout=args.stop_timeout,
                          clientapp_exec=args.clientapp_exec, pack_arrays=args.pack_arrays,
-                         root_certificates=getattr(args, "root_certificates", ""), **extra)
+                         **extra)
 
 
 def absolute_paths(cfg: RunConfig) -> RunConfig:
@@ -327,11 +475,18 @@ def subcommand_main(argv: List[str]) -> int:
             log.info("stopped %s", ", ".join(f"{n} ({p})" for n, p in stopped.items())
                      if stopped else "nothing: no process of this run was running")
             return 0
+        if args.command == "certs":
+            from deployment.certs import write_certs
+
+            written = write_certs(args.out, args.clients, args.host, args.days, args.overwrite)
+            log.info("wrote %s to %s (private keys 0600)", ", ".join(p.name for p in written),
+                     args.out.resolve())
+            return 0
         if args.command == "superlink":
-            opts = deploy_options(args, host=args.host, ssl_certfile=args.ssl_certfile,
-                                  ssl_keyfile=args.ssl_keyfile,
-                                  ssl_ca_certfile=args.ssl_ca_certfile,
-                                  enable_supernode_auth=args.enable_supernode_auth)
+            given = {k: getattr(args, k) for k in ("ssl_certfile", "ssl_keyfile",
+                                                   "ssl_ca_certfile", "enable_supernode_auth")
+                     if getattr(args, k)}  # else from --tls / --auth-keys
+            opts = deploy_options(args, host=args.host, **given)
             return launch.serve_superlink(args.port, args.out_dir, opts)
         if args.command == "site":
             opts = deploy_options(args, auth_private_key=args.auth_supernode_private_key)
@@ -354,7 +509,7 @@ def subcommand_main(argv: List[str]) -> int:
             log.info("snapshot written: %s", (cfg.out_dir / "config.toml").resolve())
             return 0
         return launch.launch_run(cfg.out_dir / "config.toml", args.superlink, deploy_options(args))
-    except (ValueError, FileNotFoundError, DeploymentError) as err:
+    except (ValueError, FileNotFoundError, FileExistsError, DeploymentError) as err:
         log.error("error: %s", err)
         return 2
 
@@ -364,19 +519,27 @@ def main(argv: Optional[List[str]] = None) -> int:
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
         return subcommand_main(argv)
+    done = 0
     try:
         args = parse_args(argv)
-        cfg, sources = resolve_layers(args)
-        cfg = absolute_paths(cfg)  # Flower's processes run in other folders
-        counts = preflight.check_run(cfg)
-        preflight.claim_output(cfg.out_dir, args.overwrite)
+        security_options(args)  # --tls / --auth-keys: their files exist
+        if args.resume is not None:
+            cfg, sources, counts, done = prepare_resume(args)
+        else:
+            cfg, sources = resolve_layers(args)
+            cfg = absolute_paths(cfg)  # Flower's processes run in other folders
+            counts = preflight.check_run(cfg)
+            preflight.claim_output(cfg.out_dir, args.overwrite)
     except (ValueError, FileNotFoundError) as err:
         log.error("error: %s", err)
         return 2
     out_dir = cfg.out_dir
     out_dir.mkdir(parents=True, exist_ok=True)
-    save_config(cfg, out_dir / "config.toml")
+    if not done:
+        save_config(cfg, out_dir / "config.toml")
     log.info("%s -> %s", describe(cfg, sources), out_dir)
+    if done:
+        log.info("resuming after round %d of %d", done, cfg.rounds)
     log.info("data: %s", preflight.describe_counts(counts))
     from deployment.launch import run_deployment
     from deployment.processes import DeploymentError
@@ -407,4 +570,5 @@ def main(argv: Optional[List[str]] = None) -> int:
 
 
 if __name__ == "__main__":
+    os.umask(0o077)  # what a run writes is private: files 0600, folders 0700 (docs/deployment.md)
     sys.exit(main())

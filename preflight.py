@@ -50,10 +50,12 @@ def check_names(cfg: RunConfig) -> None:
     problem = refuses(cfg) if refuses is not None else None
     if problem:
         _fail(problem[0], f"{problem[1]} (strategy {strategy.name})")
-    task = get_task(cfg.img_class)
+    task = get_task(cfg.img_class, cfg.root_path)  # a synthetic task: the sites of its data
     if cfg.num_clients > task.num_sites:
+        more = (f"; for more, write a synthetic federation with python -m dataloaders.synthetic "
+                f"--sites {cfg.num_clients} to --root_path" if task.synthetic_of else "")
         _fail("num_clients", f"{cfg.num_clients} clients but task {task.name!r} has "
-                             f"{task.num_sites} sites (one client per site)")
+                             f"{task.num_sites} sites (one client per site{more})")
     terms = PROCEDURES[resolve_procedure(cfg.procedure)]
     if "tree" in terms and cfg.lambda_tree != 0 and "multihead" not in cfg.model:
         _fail("procedure", f"{cfg.procedure!r} has the tree energy term, which needs a network "

@@ -171,7 +171,7 @@ def describe_model(cid: int, info: Mapping[str, object]) -> str:
 def test_client(cfg, cid: int, root: str, checkpoint: str, out: Path, device: torch.device,
                 images: bool) -> List[Dict[str, object]]:
     """Per-case, per-target metrics of client ``cid``'s test cases (see :func:`load_tested_model`)."""
-    task = get_task(cfg.img_class)
+    task = get_task(cfg.img_class, root)
     model, info = load_tested_model(cfg, cid, checkpoint, device)
     log.info("%s", describe_model(cid, info))
     data = SiteDataset(root, task, cid, "test", val_fraction=cfg.val_fraction, seed=cfg.seed)

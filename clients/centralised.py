@@ -132,7 +132,7 @@ class CentralTrainer:
 
     def __init__(self, cfg: RunConfig, device: str = "") -> None:
         self.cfg = cfg
-        self.task = get_task(cfg.img_class)
+        self.task = get_task(cfg.img_class, cfg.root_path)
         if not 1 <= cfg.num_clients <= self.task.num_sites:
             raise ValueError(f"num_clients = {cfg.num_clients}: task {self.task.name!r} has "
                              f"{self.task.num_sites} sites to pool")

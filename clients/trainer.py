@@ -21,7 +21,7 @@ from configs import RunConfig
 from dataloaders.dataset import InfiniteBatches, PrefetchBatches, SiteDataset
 from dataloaders.tasks import get_task
 from losses.objective import ObjectiveConfig, WeakObjective
-from networks.checkpoint import load_checkpoint, run_meta, save_atomic
+from networks.checkpoint import copy_atomic, load_checkpoint, run_meta, save_atomic
 from networks.factory import build_for_run
 from networks.groups import select_keys
 from networks.outputs import SegOutput
@@ -99,7 +99,7 @@ class SiteTrainer:
     def __init__(self, cfg: RunConfig, cid: int, device: str = "") -> None:
         self.cfg = cfg
         self.cid = cid
-        self.task = get_task(cfg.img_class)
+        self.task = get_task(cfg.img_class, cfg.root_path)
         if not 0 <= cid < min(cfg.num_clients, self.task.num_sites):
             raise ValueError(
                 f"client id {cid} out of range: num_clients={cfg.num_clients}, "
@@ -130,6 +130,9 @@ class SiteTrainer:
         self.best_val = -1.0
         self.total_steps = cfg.rounds * cfg.iters
         self._writer = None
+        #: TensorBoard step from which earlier events are hidden (set when resumed from a
+        #: checkpoint: the steps of an interrupted round are logged again)
+        self._purge_step: Optional[int] = None
 
     def new_optimizer(self) -> torch.optim.Optimizer:
         """AdamW over every parameter with no state (the reference builds one every round)."""
@@ -146,7 +149,8 @@ class SiteTrainer:
         if self._writer is None:
             from torch.utils.tensorboard import SummaryWriter
 
-            self._writer = SummaryWriter(str(self.cfg.out_dir / "tb" / f"client{self.cid}"))
+            self._writer = SummaryWriter(str(self.cfg.out_dir / "tb" / f"client{self.cid}"),
+                                         purge_step=self._purge_step)
         return self._writer
 
     def close(self) -> None:
@@ -315,7 +319,7 @@ class SiteTrainer:
         is_last = server_round >= self.cfg.rounds
         if server_round % self.cfg.eval_every == 0 or is_last:
             metrics.update(self.validate_and_checkpoint(server_round, is_last))
-        self.save(self.client_dir / "latest.pt")
+        self.save_latest()
         if self._writer is not None:
             # every round's events on disk before the next round, which may run in another
             # process of the Simulation Engine: one ordered stream per client
@@ -352,7 +356,7 @@ class SiteTrainer:
         update (``diverged`` = 1, no samples)."""
         self.load_state_dict(last_good)
         self.rounds_done = server_round
-        self.save(self.client_dir / "latest.pt")
+        self.save_latest()
         log.warning("client %d round %d: update rejected (%s); kept the state of round %d",
                     self.cid, server_round, problem, server_round - 1)
         return {"diverged": 1.0, "num-examples": 0.0, "cid": float(self.cid),
@@ -441,6 +445,17 @@ class SiteTrainer:
     def save(self, path: Path) -> None:
         save_atomic(self.state_dict(), path)
 
+    def save_latest(self) -> None:
+        """Write ``latest.pt``, keeping the file it replaces as ``previous.pt``: a run resumed
+        after an interruption in the middle of a round rolls a site that had already finished
+        that round back to the round before (:func:`strategies.resume.rollback_sites`)."""
+        latest = self.client_dir / "latest.pt"
+        if latest.is_file():
+            copy_atomic(latest, self.client_dir / "previous.pt")
+        self.save(latest)
+
     def load(self, path: Path) -> None:
         self.load_state_dict(load_checkpoint(path, map_location=self.device,
                                              expect=run_meta(self.cfg, self.cid)))
+        if self._writer is None:  # TensorBoard continues after the restored step
+            self._purge_step = self.step + 1

@@ -68,6 +68,9 @@ class RunConfig:
     batch_size: int = 12
     base_lr: float = 0.01
     weight_decay: float = 0.01
+    # lost sites and deadlines (docs/deployment.md, "Timeouts, lost sites and rejoining")
+    min_fit_clients: int = 0  # clients that must answer for a round to count (0: all but one, at least 1); fewer: the run stops, exit code 1
+    round_timeout: float = 0.0  # seconds the server waits for a round's replies, then goes on without the late sites (0: automatic, 10 x the median round, at least 120 s, 3600 s until a round completed)
     # adaptive local aggregation (FedICRA, FedALA)
     ala_eta: float = 1.0
     ala_threshold: float = 0.1
@@ -117,6 +120,12 @@ class RunConfig:
         return self.fedap_pretrain_rounds or max(1, self.rounds // 10)
 
     @property
+    def min_fit(self) -> int:
+        """Clients that must answer for a round to count: ``min_fit_clients``, or with 0 all
+        but one (at least 1)."""
+        return self.min_fit_clients or max(1, self.num_clients - 1)
+
+    @property
     def exp_name(self) -> str:
         """``exp`` with its ``{img_class}`` / ``{strategy}`` placeholders filled in."""
         try:
@@ -137,6 +146,10 @@ class RunConfig:
              f"rep_iters = {self.rep_iters} must lie in [0, iters = {self.iters}]"),
             (self.batch_size >= 1, "batch_size must be >= 1"),
             (self.num_clients >= 1, "num_clients must be >= 1"),
+            (0 <= self.min_fit_clients <= self.num_clients,
+             f"min_fit_clients = {self.min_fit_clients} must lie in [0, num_clients = "
+             f"{self.num_clients}] (0: all but one)"),
+            (self.round_timeout >= 0.0, "round_timeout must be >= 0 (0: automatic)"),
             (0.0 < self.val_fraction < 1.0, "val_fraction must lie in (0, 1)"),
             (0.0 < self.ala_rand_percent <= 1.0, "ala_rand_percent must lie in (0, 1]"),
             (self.mode in ("simulation", "deployment"), "mode must be simulation or deployment"),

@@ -215,7 +215,7 @@ class SiteDataset(Dataset):
     ) -> None:
         if split not in SPLIT_NAMES:
             raise ValueError(f"split must be one of {SPLIT_NAMES}, got {split!r}")
-        self.task = get_task(task) if isinstance(task, str) else task
+        self.task = get_task(task, root) if isinstance(task, str) else task
         if rotate_order not in IMAGE_ORDERS or isinstance(rotate_order, bool):
             raise ValueError(f"rotate_order must be one of {IMAGE_ORDERS}, got {rotate_order!r}")
         self.rotate_order = int(rotate_order)

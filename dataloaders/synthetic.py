@@ -1,4 +1,4 @@
-"""Synthetic five-site federations that mimic the two tasks of the paper.
+"""Synthetic federations (five sites by default) that mimic the two tasks of the paper.
 
 ``faz``: OCTA en-face images, one channel. A bright network of branching vessels and a fine
 capillary mesh surrounds a dark, irregular, roughly elliptical avascular zone (the FAZ,
@@ -10,18 +10,21 @@ class 2) holds a brighter cup (class 1) with a faint edge; vessels leave the dis
 rim; vignetting, and in some cases a bright peripapillary crescent beside the disc.
 
 Each site has its own acquisition style (brightness, contrast, gamma, noise, blur, colour,
-structure sizes), so the five sites differ in their statistics as real scanners do. Every
+structure sizes), so the five sites differ in their statistics as real scanners do; with
+``--sites K`` > 5, site ``k`` repeats the style and weak form of site ``k mod 5`` with its own
+random draws (for load tests; :func:`dataloaders.tasks.get_task` counts the sites). Every
 train case holds the full mask and every weak form (:data:`dataloaders.tasks.WEAK_FORM_KEYS`);
 test cases hold image and mask. Every case draws from its own generator seeded by
 ``(seed, site, split, case)``: the same arguments give byte-identical files.
 
 CLI: ``python -m dataloaders.synthetic --task faz|odoc --out DIR [--size N]
-[--train-per-site N] [--test-per-site N] [--seed S]``.
+[--train-per-site N] [--test-per-site N] [--seed S] [--sites K]``.
 """
 from __future__ import annotations
 
 import argparse
 import json
+import shutil
 import sys
 import time
 from dataclasses import asdict, dataclass
@@ -357,22 +360,26 @@ def _prepare_out(out: Path) -> None:
 
 
 def generate_federation(task: str, out: Path, size: int = 96, train_per_site: int = 40,
-                        test_per_site: int = 10, seed: int = 0) -> None:
-    """Write a five-site synthetic federation in the HDF5 layout of :mod:`dataloaders.h5layout`.
+                        test_per_site: int = 10, seed: int = 0, sites: int = 5) -> None:
+    """Write a synthetic federation in the HDF5 layout of :mod:`dataloaders.h5layout`.
 
     Parameters
     ----------
     task
         ``faz`` or ``odoc`` (``synthetic_faz`` / ``synthetic_odoc`` are accepted too).
     out
-        Root folder; receives ``Domain{1..5}/{train,test}/<case>.h5`` and ``synthetic.json``.
-        Case files of an earlier generation that this one does not write are removed.
+        Root folder; receives ``Domain{1..sites}/{train,test}/<case>.h5`` and
+        ``synthetic.json``. Case files (and site folders) of an earlier generation that this
+        one does not write are removed.
     size
         Image side in pixels (at least 32).
     train_per_site, test_per_site
         Number of cases per site and split (at least 1 each).
     seed
         Seed; identical arguments give byte-identical files.
+    sites
+        Number of sites (default 5, the paper's); beyond 5, site ``k`` takes the style and weak
+        form of site ``k mod 5``. Sites 0-4 are the same for any ``sites`` >= 5.
 
     Raises
     ------
@@ -388,8 +395,11 @@ def generate_federation(task: str, out: Path, size: int = 96, train_per_site: in
         raise ValueError(
             "train_per_site and test_per_site must be at least 1, "
             f"got {train_per_site}, {test_per_site}")
+    if sites < 1:
+        raise ValueError(f"sites must be at least 1, got {sites}")
     out = Path(out)
     _prepare_out(out)
+    base = base.with_sites(sites)
     styles = FAZ_STYLES if base.name == "faz" else ODOC_STYLES
     make_case = faz_case if base.name == "faz" else odoc_case
     counts = {"train": train_per_site, "test": test_per_site}
@@ -399,7 +409,7 @@ def generate_federation(task: str, out: Path, size: int = 96, train_per_site: in
             wanted = set()
             for case in range(counts[split]):
                 rng = np.random.default_rng([seed, site, split_id, case])
-                image, mask = make_case(size, styles[site], rng)
+                image, mask = make_case(size, styles[site % len(styles)], rng)
                 labels = {}
                 if split == "train":
                     weak_rng = np.random.default_rng([seed, site, split_id, case, 1])
@@ -410,6 +420,10 @@ def generate_federation(task: str, out: Path, size: int = 96, train_per_site: in
             for stale in folder.glob("*.h5"):
                 if stale.name not in wanted:
                     stale.unlink()
+    extra = base.num_sites + 1  # site folders of an earlier, larger generation
+    while (out / f"Domain{extra}").is_dir():
+        shutil.rmtree(out / f"Domain{extra}")
+        extra += 1
     meta = {
         "generator": "dataloaders.synthetic",
         "version": _VERSION,
@@ -426,7 +440,7 @@ def generate_federation(task: str, out: Path, size: int = 96, train_per_site: in
         "sites": [
             {"domain": f"Domain{i + 1}", "name": s.name, "weak_form": s.weak_form,
              "weak_key": WEAK_FORM_KEYS[s.weak_form], "n_train": train_per_site,
-             "n_test": test_per_site, "style": asdict(styles[i])}
+             "n_test": test_per_site, "style": asdict(styles[i % len(styles)])}
             for i, s in enumerate(base.sites)
         ],
     }
@@ -436,7 +450,7 @@ def generate_federation(task: str, out: Path, size: int = 96, train_per_site: in
 def main(argv: Optional[Sequence[str]] = None) -> int:
     parser = argparse.ArgumentParser(
         prog="python -m dataloaders.synthetic",
-        description="Write a five-site synthetic federation (FAZ-like OCTA or fundus optic "
+        description="Write a synthetic federation (FAZ-like OCTA or fundus optic "
                     "disc/cup) with full masks and every weak-label form.")
     parser.add_argument("--task", required=True, help="faz or odoc")
     parser.add_argument("--out", required=True, type=Path, help="output root folder")
@@ -444,15 +458,18 @@ def main(argv: Optional[Sequence[str]] = None) -> int:
     parser.add_argument("--train-per-site", type=int, default=40)
     parser.add_argument("--test-per-site", type=int, default=10)
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--sites", type=int, default=5,
+                        help="number of sites, Domain1..DomainK (default 5; beyond 5, site k "
+                             "repeats the style and weak form of site k mod 5)")
     args = parser.parse_args(argv)
     start = time.perf_counter()
     try:
         generate_federation(args.task, args.out, args.size, args.train_per_site,
-                            args.test_per_site, args.seed)
+                            args.test_per_site, args.seed, args.sites)
     except (ValueError, FileExistsError) as err:
         print(f"error: {err}", file=sys.stderr)
         return 2
-    n = 5 * (args.train_per_site + args.test_per_site)
+    n = args.sites * (args.train_per_site + args.test_per_site)
     print(f"wrote {n} cases to {args.out} in {time.perf_counter() - start:.1f} s")
     return 0
 

@@ -6,8 +6,11 @@ the partial cross-entropy ignores.
 """
 from __future__ import annotations
 
-from dataclasses import dataclass
-from typing import Dict, Tuple
+import os
+import re
+from dataclasses import dataclass, replace
+from pathlib import Path
+from typing import Dict, Optional, Tuple
 
 #: Weak annotation forms and the HDF5 dataset key that stores each of them.
 WEAK_FORM_KEYS: Dict[str, str] = {
@@ -83,6 +86,18 @@ class Task:
     def num_sites(self) -> int:
         return len(self.sites)
 
+    def with_sites(self, count: int) -> "Task":
+        """This task with ``count`` sites: site ``k`` takes the weak form of declared site
+        ``k mod n`` (``n`` declared sites) and its name, numbered from the second round on
+        (``FAZID #2``). For synthetic federations of any size."""
+        if count < 1:
+            raise ValueError(f"a task needs at least one site, got {count}")
+        n = len(self.sites)
+        sites = tuple(self.sites[k % n] if k < n else
+                      replace(self.sites[k % n], name=f"{self.sites[k % n].name} #{k // n + 1}")
+                      for k in range(count))
+        return replace(self, sites=sites)
+
     def site(self, index: int) -> Site:
         if not 0 <= index < self.num_sites:
             raise ValueError(
@@ -149,14 +164,39 @@ SYNTHETIC_ODOC = register_task(Task(
 ))
 
 
-def get_task(name: str) -> Task:
-    """Look a task up by name (``faz``, ``odoc``, ``synthetic_faz``, ``synthetic_odoc``)."""
+def get_task(name: str, root: Optional[os.PathLike] = None) -> Task:
+    """Look a task up by name (``faz``, ``odoc``, ``synthetic_faz``, ``synthetic_odoc``).
+
+    A synthetic task grows with its data: with ``root`` holding more site folders
+    ``Domain1..DomainK`` (:func:`domains_in`; the generator's ``--sites K``) than its five
+    declared sites, it has ``K`` sites (fewer folders are missing data, reported by the data
+    checks). Real tasks always have their declared sites.
+    """
     try:
-        return _TASKS[name]
+        task = _TASKS[name]
     except KeyError:
         raise ValueError(
             f"unknown task {name!r}; expected one of {', '.join(sorted(_TASKS))}"
         ) from None
+    if task.synthetic_of and root is not None:
+        count = domains_in(root)
+        if count > task.num_sites:
+            task = task.with_sites(count)
+    return task
+
+
+def domains_in(root: os.PathLike) -> int:
+    """``K`` when ``root`` holds the site folders ``Domain1..DomainK`` (consecutive from 1);
+    0 when it holds none or does not exist."""
+    try:
+        found = {int(m.group(1)) for p in Path(root).iterdir()
+                 if p.is_dir() and (m := re.fullmatch(r"Domain(\d+)", p.name))}
+    except OSError:
+        return 0
+    count = 0
+    while count + 1 in found:
+        count += 1
+    return count
 
 
 def task_names() -> Tuple[str, ...]:

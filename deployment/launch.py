@@ -26,13 +26,15 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field
+from dataclasses import dataclass, field, replace
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from .channel import WorkerUnavailable, read_secret, request, write_secret
+from .certs import auth_key_files
 from .processes import (ChildFailed, DeploymentError, Interrupted, ProcessGroup,
                         check_ports_free, interrupts_raise)
+from .security import UNREACHABLE, register_supernodes, tls_problem
 from .supernode import ENV_KEY as NODE_POLL_ENV
 
 log = logging.getLogger("fedicra.deploy")
@@ -90,6 +92,11 @@ class DeployOptions:
         ``flower-superlink --enable-supernode-auth``.
     auth_private_key : str
         ``flower-supernode --auth-supernode-private-key`` (node authentication).
+    auth_keys : str
+        Folder of SuperNode key pairs ``client<k>.key`` / ``client<k>.pub`` (written by
+        ``flower_runner.py certs``): SuperNode ``k`` authenticates with ``client<k>.key``
+        (unless ``auth_private_key`` is set) and, with ``enable_supernode_auth``, the
+        deployment registers the public keys on its SuperLink (``flwr supernode register``).
     clientapp_exec : str
         ``"persistent"``: SuperNodes run ``--isolation process`` and a long-lived
         :mod:`deployment.appexec` per node runs every ClientApp task in one process;
@@ -100,6 +107,12 @@ class DeployOptions:
     start_timeout, worker_timeout, stop_timeout : float
         Seconds to wait for the Flower services, for a worker to load its data and model, and
         for a child to exit after SIGTERM before SIGKILL.
+    resume : bool
+        Submit the run with ``resume = true``: the ServerApp continues it after the last round
+        of its ``global/latest.pt`` (``flower_runner.py --resume``).
+    worker_restarts : int
+        How often a site worker that exits is started again (it rejoins the run from its
+        ``latest.pt``); after that the run goes on without the site (:class:`WorkerSupervisor`).
     """
 
     host: str = "127.0.0.1"
@@ -110,12 +123,15 @@ class DeployOptions:
     root_certificates: str = ""
     enable_supernode_auth: bool = False
     auth_private_key: str = ""
+    auth_keys: str = ""
     clientapp_exec: str = "persistent"
     pack_arrays: bool = True
     start_timeout: float = 120.0
     worker_timeout: float = 600.0
     stop_timeout: float = 10.0
     extra_env: Dict[str, str] = field(default_factory=dict)
+    resume: bool = False
+    worker_restarts: int = 3
 
     @property
     def tls(self) -> bool:
@@ -214,6 +230,16 @@ def start_superlink(group: ProcessGroup, port: int, flwr_home: Path, opts: Deplo
                     name: str = "superlink", simulation: bool = False) -> None:
     """Start ``flower-superlink`` on ``opts.host:port`` and wait until it accepts connections;
     with ``simulation`` it runs the sites itself in Flower's Simulation Engine."""
+    if opts.enable_supernode_auth and not opts.tls:
+        raise DeploymentError("SuperNode authentication needs TLS: give the SuperLink its "
+                              "certificate (--tls DIR, or --ssl-certfile/--ssl-keyfile/"
+                              "--ssl-ca-certfile)")
+    missing = [f for f in (opts.ssl_certfile, opts.ssl_keyfile, opts.ssl_ca_certfile)
+               if f and not Path(f).is_file()]
+    if opts.tls and (missing or not (opts.ssl_keyfile and opts.ssl_ca_certfile)):
+        raise DeploymentError("TLS needs the SuperLink's certificate, its key and the CA "
+                              f"certificate as files (--ssl-certfile, --ssl-keyfile, "
+                              f"--ssl-ca-certfile){'; not found: ' + ', '.join(missing) if missing else ''}")
     argv = [flower_command("flower-superlink"), "--host", opts.host, "--port", str(port),
             "--disable-runtime-dependency-installation"]
     if simulation:
@@ -246,6 +272,8 @@ class Site:
     env: Dict[str, str]
     exec_secret: Optional[Path] = None
     appexec: Optional[str] = None
+    superlink: str = ""
+    node_log_offset: int = 0
 
     @property
     def names(self) -> List[str]:
@@ -301,8 +329,10 @@ def start_supernode(group: ProcessGroup, cid: int, superlink: str, node_port: in
         argv += ["--root-certificates", opts.root_certificates]
     else:
         argv.append("--insecure")
-    if opts.auth_private_key:
-        argv += ["--auth-supernode-private-key", opts.auth_private_key]
+    key = opts.auth_private_key or (str(auth_key_files(opts.auth_keys, cid)["private"])
+                                    if opts.auth_keys else "")
+    if key:
+        argv += ["--auth-supernode-private-key", key]
     group.start(name, argv, env=env, cwd=REPO)
     return name
 
@@ -325,7 +355,7 @@ def start_site(group: ProcessGroup, cid: int, snapshot: Path, superlink: str, ou
 
     ``threads``: CPU threads of the worker (``cpus_per_client``).
     """
-    secret_file = write_secret(out_dir / "secrets" / f"client{cid}.key")
+    secret_file = fresh_secret(out_dir / "secrets" / f"client{cid}.key")
     os.chmod(secret_file.parent, 0o700)
     address = f"127.0.0.1:{plan.worker(cid)}"
     flwr_home = out_dir / "flwr_home" / f"supernode{cid}"
@@ -334,22 +364,79 @@ def start_site(group: ProcessGroup, cid: int, snapshot: Path, superlink: str, ou
                           overrides)
     exec_secret = None
     if opts.clientapp_exec == "persistent":
-        exec_secret = write_secret(out_dir / "secrets" / f"superexec{cid}.key")
+        exec_secret = fresh_secret(out_dir / "secrets" / f"superexec{cid}.key")
     elif opts.clientapp_exec != "subprocess":
         raise ValueError(f"clientapp_exec must be persistent or subprocess, got "
                          f"{opts.clientapp_exec!r}")
     env = child_env(flwr_home, opts, gpu, pin_device=True)
+    node_log = group.log_dir / f"supernode{cid}.log"  # appended to: read only what is new
+    offset = node_log.stat().st_size if node_log.is_file() else 0
     node = start_supernode(group, cid, superlink, plan.node(cid), address, secret_file, env,
                            opts, exec_secret)
-    site = Site(cid, worker, node, address, secret_file, gpu, env, exec_secret)
+    site = Site(cid, worker, node, address, secret_file, gpu, env, exec_secret,
+                superlink=superlink, node_log_offset=offset)
     if wait:
         wait_site(group, site, plan, opts)
     return site
 
 
+def fresh_secret(path: Path) -> Path:
+    """A new random secret in ``path`` (0600), replacing one of an earlier run."""
+    path.unlink(missing_ok=True)
+    return write_secret(path)
+
+
+#: What ``flower-supernode`` logs once the SuperLink has accepted it (Flower 1.42).
+JOINED_LINE = "SuperNode ID:"
+
+
+def wait_joined(group: ProcessGroup, site: Site, opts: DeployOptions) -> None:
+    """Wait until SuperNode ``site`` has joined its SuperLink (its log names its node id).
+
+    The TLS set-up is checked as a SuperNode sees it (:func:`deployment.security.tls_problem`):
+    at once when a CA is given, after 2 s without joining otherwise (a plain-HTTP SuperNode
+    facing a TLS SuperLink retries forever). A mismatch raises :class:`DeploymentError`
+    naming the problem; a SuperNode that exits raises :class:`ChildFailed` with its log tail.
+    """
+    child = group.children[site.supernode]
+    deadline = time.monotonic() + opts.start_timeout
+    probe_at = time.monotonic() + (0.0 if opts.root_certificates else 2.0)
+    probed = False
+    while True:
+        try:
+            with open(child.log_path, "rb") as f:
+                f.seek(site.node_log_offset)
+                if JOINED_LINE.encode() in f.read():
+                    return
+        except OSError:
+            pass
+        if not probed and time.monotonic() >= probe_at and site.superlink:
+            problem = tls_problem(site.superlink, opts.root_certificates)
+            if problem not in (None, UNREACHABLE):
+                raise DeploymentError(f"client {site.cid} cannot join: {problem}")
+            probed = problem is None
+        try:
+            group.check_alive([site.supernode])
+        except ChildFailed as err:
+            hint = ""
+            if "Failed to activate SuperNode" in str(err):
+                hint = ("\nthe SuperLink refused this SuperNode's key: register its public key "
+                        "there (flower_runner.py superlink --auth-keys DIR, or flwr supernode "
+                        "register KEY.pub) before the site starts")
+            raise ChildFailed(f"SuperNode of client {site.cid} could not join the SuperLink at "
+                              f"{site.superlink}: {err}{hint}") from None
+        if time.monotonic() > deadline:
+            raise TimeoutError(f"SuperNode of client {site.cid} has not joined the SuperLink at "
+                               f"{site.superlink} within {opts.start_timeout:.0f} s; last lines "
+                               f"of {child.log_path}:\n{child.log_tail()}")
+        time.sleep(0.1)
+
+
 def wait_site(group: ProcessGroup, site: Site, plan: PortPlan, opts: DeployOptions) -> None:
-    """Wait for the SuperNode's port, start its executor (if persistent), ping the worker."""
+    """Wait for the SuperNode's port and its joining the SuperLink, start its executor (if
+    persistent), ping the worker."""
     group.wait_port(site.supernode, "127.0.0.1", plan.node(site.cid), opts.start_timeout)
+    wait_joined(group, site, opts)
     if site.exec_secret is not None:
         site.appexec = start_appexec(group, site.cid, plan.node(site.cid), site.exec_secret,
                                      site.env, opts)
@@ -362,16 +449,19 @@ def wait_site(group: ProcessGroup, site: Site, plan: PortPlan, opts: DeployOptio
 
 def submit_run(group: ProcessGroup, snapshot: Path, flwr_home: Path, opts: DeployOptions,
                watch: Sequence[str] = (), stop_run: bool = False,
-               federation_config: str = "") -> int:
+               federation_config: str = "",
+               supervise: Optional["WorkerSupervisor"] = None) -> int:
     """``flwr run`` the repository with ``snapshot``; stream its log; return 0 if it completed.
 
     While the log streams, the children named in ``watch`` must stay alive (else
-    :class:`ChildFailed`). With ``stop_run`` a failure or interrupt here also stops the run on
-    the SuperLink (``flwr stop``), for a SuperLink this process does not own.
+    :class:`ChildFailed`) and ``supervise`` restarts the workers that exit. With ``stop_run`` a
+    failure or interrupt here also stops the run on the SuperLink (``flwr stop``), for a
+    SuperLink this process does not own.
     """
     grid_poll = opts.poll_interval / 2 if opts.poll_interval > 0 else 3.0
     run_config = (f"config-file={_toml_string(str(snapshot.resolve()))} "
-                  f"grid-poll-interval={grid_poll} pack-arrays={str(opts.pack_arrays).lower()}")
+                  f"grid-poll-interval={grid_poll} pack-arrays={str(opts.pack_arrays).lower()}"
+                  f"{' resume=true' if opts.resume else ''}")
     argv = [flower_command("flwr"), "run", str(REPO), CONNECTION, "--stream",
             "--run-config", run_config]
     if federation_config:
@@ -386,6 +476,8 @@ def submit_run(group: ProcessGroup, snapshot: Path, flwr_home: Path, opts: Deplo
     run_id = None
     try:
         while True:
+            if supervise is not None:
+                supervise.check()
             try:
                 line = lines.get(timeout=0.5)
             except queue.Empty:
@@ -494,6 +586,9 @@ def run_deployment(cfg, options: Optional[DeployOptions] = None) -> int:
     try:
         with interrupts_raise():
             start_superlink(group, plan.superlink, flwr_home, opts)
+            if opts.enable_supernode_auth and opts.auth_keys:
+                register_keys(flwr_home, opts, [auth_key_files(opts.auth_keys, cid)["public"]
+                                                for cid in range(cfg.num_clients)])
             threads = cfg.site_threads()
             sites = [start_site(group, cid, snapshot, superlink, out_dir, plan,
                                 gpu_for(cid, gpus), opts, threads=threads, wait=False)
@@ -501,8 +596,12 @@ def run_deployment(cfg, options: Optional[DeployOptions] = None) -> int:
             for site in sites:
                 wait_site(group, site, plan, opts)
             log.info("federation up in %.1f s", time.perf_counter() - started)
-            watch = ["superlink"] + [n for s in sites for n in s.names]
-            return submit_run(group, snapshot, flwr_home, opts, watch=watch)
+            # a worker that exits is restarted; the others end the run
+            watch = ["superlink"] + [n for s in sites for n in s.names if n != s.worker]
+            supervisor = WorkerSupervisor(group, {s.worker: s.cid for s in sites},
+                                          opts.worker_restarts)
+            return submit_run(group, snapshot, flwr_home, opts, watch=watch,
+                              supervise=supervisor)
     except Interrupted as err:
         return _interrupted(err)
     except (ChildFailed, TimeoutError) as err:
@@ -510,6 +609,19 @@ def run_deployment(cfg, options: Optional[DeployOptions] = None) -> int:
         return RUN_FAILED
     finally:
         _finish(group, opts)
+
+
+def register_keys(flwr_home: Path, opts: DeployOptions, keys: Sequence[Path]) -> None:
+    """Register SuperNode public keys on the SuperLink that ``flwr_home``'s connection names
+    (SuperNode authentication; :func:`deployment.security.register_supernodes`)."""
+    started = time.perf_counter()
+    try:
+        nodes = register_supernodes(keys, flwr_home, child_env(flwr_home, opts),
+                                    flower_command("flwr"), CONNECTION, cwd=REPO)
+    except (RuntimeError, FileNotFoundError) as err:
+        raise DeploymentError(str(err)) from None
+    log.info("registered %d SuperNode public key(s) in %.1f s: %s", len(nodes),
+             time.perf_counter() - started, ", ".join(Path(k).name for k in nodes))
 
 
 def _visible_gpus(gpus: List[int]) -> List[int]:
@@ -532,6 +644,14 @@ def serve_superlink(port: int, out_dir: Path, opts: DeployOptions) -> int:
     try:
         with interrupts_raise():
             start_superlink(group, port, flwr_home, opts)
+            if opts.enable_supernode_auth and opts.auth_keys:
+                keys = sorted(Path(opts.auth_keys).glob("*.pub"))
+                if not keys:
+                    raise DeploymentError(f"--auth-keys: no *.pub public keys in {opts.auth_keys}")
+                local = "127.0.0.1" if opts.host in ("0.0.0.0", "", "::") else opts.host
+                write_flwr_config(flwr_home, f"{local}:{port}", replace(
+                    opts, root_certificates=opts.root_certificates or opts.ssl_ca_certfile))
+                register_keys(flwr_home, opts, keys)
             log.info("sites join with: python flower_runner.py site --cid K --superlink "
                      "<this host>:%d --config <snapshot>; submit with: python flower_runner.py "
                      "launch --superlink <this host>:%d --config <snapshot>", port, port)
@@ -565,7 +685,8 @@ def serve_site(snapshot: Path, cid: int, superlink: str, port: int, gpu: Optiona
             site = start_site(group, cid, snapshot, superlink, out_dir, plan, gpu, opts,
                               threads=cfg.site_threads(sites_here=1), overrides=overrides)
             log.info("client %d joined %s; Ctrl-C to leave", site.cid, superlink)
-            return _block(group)
+            return _block(group, WorkerSupervisor(group, {site.worker: cid},
+                                                  opts.worker_restarts))
     except Interrupted as err:
         return _interrupted(err)
     except (ChildFailed, TimeoutError) as err:
@@ -593,12 +714,59 @@ def launch_run(snapshot: Path, superlink: str, opts: DeployOptions) -> int:
         group.stop_all(opts.stop_timeout)
 
 
-def _block(group: ProcessGroup) -> int:
-    """Wait until a child exits (then fail) or a signal arrives."""
-    first = next(iter(group.children.values()))
+def _block(group: ProcessGroup, supervise: Optional["WorkerSupervisor"] = None) -> int:
+    """Wait until a child exits (then fail; ``supervise`` restarts workers instead) or a
+    signal arrives."""
     while True:
-        group.check_alive()
-        try:
-            first.proc.wait(timeout=0.5)
-        except subprocess.TimeoutExpired:
-            pass
+        if supervise is not None:
+            supervise.check()
+        group.check_alive([n for n in group.children
+                           if supervise is None or n not in supervise.workers])
+        time.sleep(0.5)
+
+
+class WorkerSupervisor:
+    """Starts a site worker again when it exits, up to ``restarts`` times each.
+
+    The restarted worker loads its data and model, and the next request it gets continues
+    from its ``client<k>/latest.pt`` (:meth:`deployment.worker.SiteWorker._align`): the site
+    misses the rounds it was down for (the server goes on without it, see
+    ``min_fit_clients``) and rejoins. After ``restarts`` restarts the worker stays down and
+    the run goes on without the site.
+
+    Parameters
+    ----------
+    group : ProcessGroup
+        The children; the workers were started with :func:`start_worker`.
+    workers : mapping
+        Child name -> client id.
+    restarts : int
+        Restarts allowed per worker.
+    """
+
+    def __init__(self, group: ProcessGroup, workers: Dict[str, int], restarts: int = 3) -> None:
+        self.group = group
+        self.workers = dict(workers)
+        self.restarts = int(restarts)
+        self.count = {name: 0 for name in self.workers}
+        self.given_up: set = set()
+
+    def check(self) -> None:
+        for name, cid in self.workers.items():
+            child = self.group.children[name]
+            if child.alive() or name in self.given_up:
+                continue
+            tail = child.log_tail()
+            if self.count[name] >= self.restarts:
+                self.given_up.add(name)
+                log.error("%s (client %d) exited with code %s after %d restart(s); not "
+                          "restarted again: the run goes on without client %d. Last lines of "
+                          "%s:\n%s", name, cid, child.proc.returncode, self.count[name], cid,
+                          child.log_path, tail)
+                continue
+            self.count[name] += 1
+            log.warning("%s (client %d) exited with code %s; restarting it (%d of %d), it "
+                        "rejoins from its latest.pt. Last lines of %s:\n%s", name, cid,
+                        child.proc.returncode, self.count[name], self.restarts, child.log_path,
+                        tail)
+            self.group.restart(name)

@@ -110,6 +110,8 @@ class Child:
     argv: List[str]
     proc: subprocess.Popen
     log_path: Path
+    env: Optional[Dict[str, str]] = None
+    cwd: Optional[Path] = None
 
     @property
     def pid(self) -> int:
@@ -158,11 +160,21 @@ class ProcessGroup:
                 list(argv), env=dict(env) if env is not None else None, cwd=cwd,
                 stdin=subprocess.DEVNULL, stdout=log_file if stdout is None else stdout,
                 stderr=log_file, start_new_session=True, preexec_fn=die_with_parent)
-            child = Child(name, list(argv), proc, log_path)
+            child = Child(name, list(argv), proc, log_path,
+                          dict(env) if env is not None else None, cwd)
             self.children[name] = child
         log.debug("started %s (pid %d): %s", name, proc.pid, " ".join(argv))
         self.write_pids()
         return child
+
+    def restart(self, name: str) -> Child:
+        """Start child ``name`` again, as it was started, after it exited (its log goes on)."""
+        old = self.children[name]
+        if old.alive():
+            raise ValueError(f"{name} (pid {old.pid}) is still running")
+        _signal_group(old.pid, signal.SIGKILL)  # whatever it left in its group
+        del self.children[name]
+        return self.start(name, old.argv, old.env, old.cwd)
 
     def write_pids(self) -> None:
         if self.pid_file is None:
@@ -205,6 +217,11 @@ class ProcessGroup:
             self._stop_all(timeout)
 
     def _stop_all(self, timeout: float) -> None:
+        # Descendants that left their child's process group (Ray's agents under the Simulation
+        # Engine start their own sessions) are found now, before their parents exit and they
+        # are re-parented out of reach, and stopped after the groups.
+        strays = {pid for child in self.children.values() for pid in descendants(child.pid)
+                  if _pgid(pid) != child.pid}
         for child in reversed(list(self.children.values())):
             _signal_group(child.pid, signal.SIGTERM)
         deadline = time.monotonic() + timeout
@@ -217,6 +234,75 @@ class ProcessGroup:
                 _signal_group(child.pid, signal.SIGKILL)
         for child in self.children.values():
             _wait_group(child, time.monotonic() + 5.0)
+        stop_pids(strays, timeout=min(timeout, 5.0))
+
+
+def _parents() -> Dict[int, int]:
+    """``{pid: parent pid}`` of every live process, from ``/proc`` (empty without it)."""
+    table: Dict[int, int] = {}
+    if not os.path.isdir("/proc"):
+        return table
+    for entry in os.listdir("/proc"):
+        if not entry.isdigit():
+            continue
+        try:
+            with open(f"/proc/{entry}/stat", "rb") as f:
+                fields = f.read().rsplit(b")", 1)[1].split()
+        except OSError:
+            continue
+        if fields[0] not in (b"Z", b"X"):
+            table[int(entry)] = int(fields[1])
+    return table
+
+
+def descendants(pid: int) -> List[int]:
+    """Every live descendant of ``pid`` (children, grandchildren, ...), whatever its group."""
+    children: Dict[int, List[int]] = {}
+    for child, parent in _parents().items():
+        children.setdefault(parent, []).append(child)
+    found, todo = [], list(children.get(pid, []))
+    while todo:
+        p = todo.pop()
+        found.append(p)
+        todo.extend(children.get(p, []))
+    return found
+
+
+def _pgid(pid: int) -> int:
+    try:
+        return os.getpgid(pid)
+    except (ProcessLookupError, PermissionError):
+        return -1
+
+
+def stop_pids(pids, timeout: float = 5.0) -> None:
+    """SIGTERM the live processes among ``pids``, SIGKILL those alive after ``timeout``."""
+    alive = [p for p in pids if _pid_alive(p)]
+    for p in alive:
+        _signal_pid(p, signal.SIGTERM)
+    deadline = time.monotonic() + timeout
+    while time.monotonic() < deadline and any(_pid_alive(p) for p in alive):
+        time.sleep(POLL)
+    for p in alive:
+        if _pid_alive(p):
+            log.warning("process %d (started by a child of the run) ignored SIGTERM: killing it", p)
+            _signal_pid(p, signal.SIGKILL)
+
+
+def _signal_pid(pid: int, sig: int) -> None:
+    try:
+        os.kill(pid, sig)
+    except (ProcessLookupError, PermissionError):
+        pass
+
+
+def _pid_alive(pid: int) -> bool:
+    try:
+        with open(f"/proc/{pid}/stat", "rb") as f:
+            state = f.read().rsplit(b")", 1)[1].split()[0]
+        return state not in (b"Z", b"X")
+    except OSError:
+        return False
 
 
 def die_with_parent() -> None:

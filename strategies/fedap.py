@@ -32,6 +32,15 @@ client (whose site rolled back to its state before the round) thus receives the 
 others' models in its row's proportions. Where a row has no weight left on any kept reply
 (``fedap_lambda = 1`` and the client's own reply refused) the client's previous aggregate is
 sent again.
+
+Missing clients (no reply within the round deadline, an error, not connected; the round goes
+on with ``min_fit_clients``): in round ``P + 1``, ``W`` is formed over the clients that
+answered (at least 2, else the run stops); a client missing then has no row or column of
+``W``: if it comes back it receives the plain sample-weighted mean of the non-BN arrays (the
+record above, not another client's aggregate) and its replies enter that mean only. Later, a
+missing client's column is dropped from every row, which is renormalised over the clients
+present (as for a refused reply); its own row is still updated, so it receives its current
+aggregate when it rejoins.
 """
 from __future__ import annotations
 
@@ -250,8 +259,11 @@ class FedAP(PersonalizedStrategy):
             return arrays
         cid = self.node_cid.get(int(node_id))
         if cid is None or cid not in self.personal:
-            raise RuntimeError(f"round {self._round}: FedAP has no personalised aggregate for "
-                               f"node {node_id} (client {cid}); known clients {self.cids}")
+            # a client missing from the collection round has no row of W
+            log.warning("round %d: FedAP has no personalised aggregate for client %s (node %d; "
+                        "weighed clients %s): it receives the plain mean", self._round, cid,
+                        node_id, self.cids)
+            return arrays
         return to_record(self.personal[cid])
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]
@@ -267,13 +279,20 @@ class FedAP(PersonalizedStrategy):
         models = [m for m, _ in split]
         if server_round == self.collect_round:
             self._compute_weights(server_round, cids, [s for _, s in split], refused)
-        elif sorted(cids) != sorted(self.cids):
-            raise RuntimeError(f"round {server_round}: replies from clients {cids}, but FedAP "
-                               f"weighed clients {self.cids} in round {self.collect_round}")
+        else:
+            outside = [c for c in cids if c not in self.cids]
+            if outside:
+                log.warning("round %d: client(s) %s were missing when FedAP formed W in round "
+                            "%d; their replies enter only the plain mean", server_round,
+                            outside, self.collect_round)
         index = {c: i for i, c in enumerate(cids)}
         kept_set = set(kept)
-        # rows and columns in the order of self.cids
-        ordered = [models[index[c]] if index[c] in kept_set else None for c in self.cids]
+        # rows and columns in the order of self.cids (None: refused or missing)
+        ordered = [models[index[c]] if c in index and index[c] in kept_set else None
+                   for c in self.cids]
+        if all(o is None for o in ordered):
+            raise RuntimeError(f"round {server_round}: no client weighed by FedAP ({self.cids}) "
+                               "returned a usable update; the run stops")
         for cid, agg in zip(self.cids, personalised_aggregates(self.weights, ordered)):
             if agg is not None:
                 self.personal[cid] = agg
@@ -296,7 +315,8 @@ class FedAP(PersonalizedStrategy):
             aggregated.pop("val_dice", None)
         if self.reporter is not None:
             self.reporter.record_round(server_round, all_metrics, aggregated, mean,
-                                       len(self.node_ids))
+                                       self.cfg.num_clients,
+                                       missing=self.missing_clients(all_metrics))
         return to_record(mean), MetricRecord(aggregated)
 
     def _compute_weights(self, server_round: int, cids: List[int], stats: List[Stats],
@@ -308,6 +328,14 @@ class FedAP(PersonalizedStrategy):
                 f"round {server_round}: FedAP needs the BatchNorm statistics of every client "
                 f"to form its weights, but client(s) {who} sent none usable "
                 f"({'; '.join(refused.values()) or 'no statistics in the reply'}); the run stops")
+        absent = self.missing_clients([{"cid": c} for c in cids])
+        if absent:
+            log.warning("round %d: client(s) %s missing from the collection round are left out "
+                        "of FedAP's weights", server_round, absent)
+        if len(cids) < 2:
+            raise RuntimeError(f"round {server_round}: FedAP needs the BatchNorm statistics of "
+                               f"at least 2 clients to form its weights, got those of {cids}; "
+                               "the run stops")
         order = sorted(range(len(cids)), key=lambda i: cids[i])
         self.cids = [cids[i] for i in order]
         self.weights = fedap_weights([stats[i] for i in order], float(self.cfg.fedap_lambda))

@@ -39,6 +39,11 @@ class FedAvgFineTune(PersonalizedStrategy):
     local steps at ``iters = 10``) starting at ``ft_lr = 0.001`` (a tenth of the reference's
     ``base_lr``) with its own poly decay. ``metrics.csv`` gets one more round of rows
     (``rounds + 1``) for the fine-tuning.
+
+    Lost sites: a site missing from a FedAvg round is handled as in every method (the round
+    goes on with ``min_fit_clients``); a site missing from the fine-tuning round keeps its
+    personal model of the FedAvg rounds (its row is marked missing). The fine-tuning round's
+    deadline is ``ft_iters / iters`` times a round's (:meth:`deadline_scale`).
     """
 
     deploys = "personal"
@@ -76,6 +81,11 @@ class FedAvgFineTune(PersonalizedStrategy):
             raise ValueError(f"FT: {problem[0]} = {problem[1]}")
         return super().start(grid, initial_arrays, num_rounds + 1, *args, **kwargs)
 
+    def deadline_scale(self, server_round: int) -> float:
+        if server_round == self.fine_tune_round:
+            return max(1.0, self.cfg.ft_iters / max(1, self.cfg.iters))
+        return 1.0
+
     def round_config(self, server_round: int) -> Dict[str, object]:
         if server_round == self.fine_tune_round:
             # nothing shared: the site sends no arrays back (clients/rules/ft.py loads every
@@ -109,14 +119,14 @@ class FedAvgFineTune(PersonalizedStrategy):
         round no global checkpoint is written (the global model did not change)."""
         if self.reporter is None:
             return
-        self.reporter.write_rows(server_round, metrics)
+        self.reporter.write_rows(server_round, metrics, self.missing_clients(metrics))
         for key, value in summary.items():
             if key != "num-examples":
                 self.reporter.writer.add_scalar(f"server/fine_tune_{key}", value, server_round)
         self.reporter.writer.flush()
         val = summary.get("val_dice")
         log.info("fine-tuning (round %d) | clients %d/%d | train loss %.4f | val dice %s",
-                 server_round, len(metrics), len(self.node_ids),
+                 server_round, len(metrics), self.cfg.num_clients,
                  summary.get("total", float("nan")), "-" if val is None else f"{val:.4f}")
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,

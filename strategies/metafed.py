@@ -67,6 +67,15 @@ class MetaFed(PersonalizedStrategy):
     ``global/latest.pt`` holds the last model of the ring after each pass (the model that
     travels on), not a deployed model: the method deploys the personal models.
 
+    Lost sites
+    ----------
+    The ring skips a site that is missing (it errs, stays silent past the round deadline or
+    is not connected): the next site learns from the last model that came back, and the pass
+    counts when at least ``min_fit_clients`` sites took their step (else the run stops, as in
+    every method). A site missing from the warm-up keeps its flag off until it validates
+    above the threshold; one missing from the personalisation keeps its model of the last
+    pass. A site that comes back takes its place in the ring again (by client id).
+
     Defaults: the plain U-Net with pCE as the other baselines; ``metafed_lambda = 1`` (the
     original's ``--lam``); ``metafed_threshold = 0.6`` on validation Dice (the original's
     default is 0.6 on classification accuracy: here a site distils once its Dice is clearly
@@ -173,6 +182,8 @@ class MetaFed(PersonalizedStrategy):
         if unknown:
             raise RuntimeError(f"MetaFed: client ids of nodes {unknown} unknown; the warm-up "
                                "round's replies should have named them")
+        if not self.node_ids:
+            raise RuntimeError("MetaFed: no site is connected to form the ring; the run stops")
         return sorted(self.node_ids, key=lambda n: self.node_cid[n])
 
     def _message(self, node: int, arrays: ArrayRecord, config: ConfigRecord,
@@ -191,7 +202,7 @@ class MetaFed(PersonalizedStrategy):
         """Warm-up and personalisation: one message per node. A ring pass: every site but the
         last is sent, one at a time, from here (each message carries the previous reply); the
         last site's message is returned for Flower's round loop to send."""
-        nodes = self.wait_for_nodes(grid)
+        nodes = self.wait_for_nodes(grid, server_round, config)
         msg_config = self.message_config(config, server_round)
         stage = self.stage(server_round)
         self.teachers = {}
@@ -208,8 +219,15 @@ class MetaFed(PersonalizedStrategy):
         for node in order[:-1]:
             msg = self._message(node, teacher, msg_config, teacher_cid)
             self._sent = 1
-            content = self._valid(server_round, grid.send_and_receive([msg], timeout=self.timeout),
-                                  f"ring step of client {self.node_cid[node]}")[0]
+            got = self._valid(server_round, grid.send_and_receive([msg], timeout=self.timeout),
+                              f"ring step of client {self.node_cid[node]}", minimum=0)
+            if not got:  # skipped: the next site learns from the last model that came back
+                log.warning("round %d: client %d is missing from the ring; client %d learns "
+                            "from %s instead", server_round, self.node_cid[node],
+                            self.node_cid[order[order.index(node) + 1]],
+                            "no teacher" if teacher_cid < 0 else f"client {teacher_cid}'s model")
+                continue
+            content = got[0]
             self._ring.append(content)
             if passes_on(dict(content["metrics"]), to_numpy(content["arrays"])):
                 teacher, teacher_cid = content["arrays"], self.node_cid[node]
@@ -228,8 +246,16 @@ class MetaFed(PersonalizedStrategy):
             return self._record_warm_up(server_round, replies)
         if stage == PERSONALISE:
             return self._record_personalisation(server_round, replies)
-        contents = self._ring + self._valid(server_round, replies, "ring step of the last client")
+        contents = self._ring + self._valid(server_round, replies, "ring step of the last client",
+                                            minimum=0)
         self._ring = []
+        if len(contents) < self.cfg.min_fit:
+            raise RuntimeError(
+                f"round {server_round} ring: {len(contents)} of {self.cfg.num_clients} clients "
+                f"took their ring step, fewer than the {self.cfg.min_fit} needed "
+                f"(min_fit_clients = {self.cfg.min_fit_clients}, 0: all but one); the run "
+                "stops, its last completed round is on disk (global/latest.pt, "
+                "client<k>/latest.pt)")
         all_metrics = [dict(c["metrics"]) for c in contents]
         all_arrays = [to_numpy(c["arrays"]) for c in contents]
         kept, _ = screen_replies(server_round, list(zip(all_metrics, all_arrays)))
@@ -242,7 +268,8 @@ class MetaFed(PersonalizedStrategy):
         summary = self._summary([all_metrics[i] for i in kept])
         if self.reporter is not None:
             self.reporter.record_round(server_round, all_metrics, summary, all_arrays[last],
-                                       len(self.node_ids))
+                                       self.cfg.num_clients,
+                                       missing=self.missing_clients(all_metrics))
         return to_record(all_arrays[last]), MetricRecord(summary)
 
     @staticmethod
@@ -265,7 +292,8 @@ class MetaFed(PersonalizedStrategy):
         kept, _ = screen_replies(server_round, [(m, {}) for m in all_metrics])
         summary = self._summary([all_metrics[i] for i in kept])
         if self.reporter is not None:
-            self.reporter.record_round(server_round, all_metrics, summary, {}, len(self.node_ids))
+            self.reporter.record_round(server_round, all_metrics, summary, {}, self.cfg.num_clients,
+                                       missing=self.missing_clients(all_metrics))
         # empty: round 2's first site has no teacher
         return ArrayRecord(), MetricRecord(summary)
 
@@ -278,14 +306,14 @@ class MetaFed(PersonalizedStrategy):
                             int(m.get("cid", -1)), self.cfg.rounds)
         summary = self._summary([m for m in metrics if not m.get("diverged")])
         if self.reporter is not None:
-            self.reporter.write_rows(server_round, metrics)
+            self.reporter.write_rows(server_round, metrics, self.missing_clients(metrics))
             for key, value in summary.items():
                 if key != "num-examples":
                     self.reporter.writer.add_scalar(f"server/personalise_{key}", value, server_round)
             self.reporter.writer.flush()
             val = summary.get("val_dice")
             log.info("personalisation (round %d) | clients %d/%d | val dice %s", server_round,
-                     len(metrics), len(self.node_ids), "-" if val is None else f"{val:.4f}")
+                     len(metrics), self.cfg.num_clients, "-" if val is None else f"{val:.4f}")
         # None: Flower keeps the last ring model; no global checkpoint is written
         return None, MetricRecord(summary)
 
