@@ -202,9 +202,10 @@ def validation_curve(out: Path, method: Method) -> Dict[int, float]:
     """Mean over sites of the validation Dice per round of the model the method deploys.
 
     A global method's sites validate the global model they receive: the aggregate of round
-    ``r`` is scored in round ``r + 1`` (``val_dice_global``), and the last one by the final
-    evaluation, which metrics.csv records under the last round. Centralised runs log one row
-    per site per validation; the pooled row (client -1) is skipped.
+    ``r`` is scored in round ``r + 1`` (``val_dice_global``); the last aggregate is scored by
+    the final evaluation, which metrics.csv does not hold, so its curve ends one round early.
+    Centralised runs log one row per site per validation; the pooled row (client -1) is
+    skipped. FT's fine-tuning appears as round ``rounds + 1``.
     """
     from strategies.registry import strategy_class
 
@@ -366,6 +367,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     methods = select_methods(args.methods)
+    # the reports hold every method tested in DIR, also those of earlier calls
+    reported = [m for m in all_methods() if m in methods or is_done(out, m)]
     log.info("comparing %s in %s", ", ".join(m.label for m in methods), out)
     failed = []
     for i, method in enumerate(methods, 1):
@@ -384,10 +387,10 @@ def main(argv: Optional[List[str]] = None) -> int:
             continue
         log.info("[%d/%d] %s: done in %.1f min", i, len(methods), method.label,
                  record["total_seconds"] / 60)
-        write_reports(out, methods, str(args.config or args.task))
-    files = write_reports(out, methods, str(args.config or args.task))
+        write_reports(out, reported, str(args.config or args.task))
+    files = write_reports(out, reported, str(args.config or args.task))
     total = sum(json.loads((run_dir(out, m) / "compare.json").read_text())["total_seconds"]
-                for m in methods if is_done(out, m))
+                for m in reported if is_done(out, m))
     log.info("wrote %s (train + test wall time of the finished methods: %.1f min)",
              ", ".join(str(f) for f in files), total / 60)
     if failed:
