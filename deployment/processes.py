@@ -237,9 +237,10 @@ class ProcessGroup:
         stop_pids(strays, timeout=min(timeout, 5.0))
 
 
-def _parents() -> Dict[int, int]:
-    """``{pid: parent pid}`` of every live process, from ``/proc`` (empty without it)."""
-    table: Dict[int, int] = {}
+def _proc_table() -> Dict[int, tuple]:
+    """``{pid: (parent pid, process group)}`` of every live (non-zombie) process, read from
+    ``/proc`` (empty without it)."""
+    table: Dict[int, tuple] = {}
     if not os.path.isdir("/proc"):
         return table
     for entry in os.listdir("/proc"):
@@ -249,16 +250,16 @@ def _parents() -> Dict[int, int]:
             with open(f"/proc/{entry}/stat", "rb") as f:
                 fields = f.read().rsplit(b")", 1)[1].split()
         except OSError:
-            continue
+            continue  # it went away while we looked
         if fields[0] not in (b"Z", b"X"):
-            table[int(entry)] = int(fields[1])
+            table[int(entry)] = (int(fields[1]), int(fields[2]))
     return table
 
 
 def descendants(pid: int) -> List[int]:
     """Every live descendant of ``pid`` (children, grandchildren, ...), whatever its group."""
     children: Dict[int, List[int]] = {}
-    for child, parent in _parents().items():
+    for child, (parent, _) in _proc_table().items():
         children.setdefault(parent, []).append(child)
     found, todo = [], list(children.get(pid, []))
     while todo:
@@ -349,19 +350,7 @@ def _signal_group(pgid: int, sig: int) -> None:
 
 def group_members(pgid: int) -> List[int]:
     """Live (non-zombie) processes in process group ``pgid``, read from ``/proc``."""
-    members = []
-    for entry in os.listdir("/proc"):
-        if not entry.isdigit():
-            continue
-        try:
-            with open(f"/proc/{entry}/stat", "rb") as f:
-                fields = f.read().rsplit(b")", 1)[1].split()
-        except OSError:
-            continue  # it went away while we looked
-        state, group = fields[0], int(fields[2])
-        if group == pgid and state not in (b"Z", b"X"):
-            members.append(int(entry))
-    return members
+    return [pid for pid, (_, group) in _proc_table().items() if group == pgid]
 
 
 def _group_alive(pgid: int) -> bool:

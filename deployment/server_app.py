@@ -18,9 +18,10 @@ from __future__ import annotations
 import time
 from typing import Iterable, List, Optional
 
-from flwr.app import Context, Message, RecordDict
+from flwr.app import Context, Message
 from flwr.serverapp import Grid, ServerApp
 
+from strategies.deadlines import GridProxy
 from strategies.server_app import app as project_app
 
 from .packing import pack_content, unpack_content
@@ -34,7 +35,7 @@ DEFAULT_POLL = 0.05
 app = ServerApp()
 
 
-class DeploymentGrid(Grid):
+class DeploymentGrid(GridProxy):
     """Delegates to ``grid``; packs arrays on the way out, unpacks replies, polls faster.
 
     Parameters
@@ -48,27 +49,10 @@ class DeploymentGrid(Grid):
     """
 
     def __init__(self, grid: Grid, interval: float = DEFAULT_POLL, pack: bool = True) -> None:
-        self.grid = grid
+        super().__init__(grid)
         self.interval = interval
         self.pack = pack
         shorten_pull_backoff(min(interval / 2, 1.0))
-
-    def set_run(self, run) -> None:
-        self.grid.set_run(run)
-
-    @property
-    def run(self):
-        return self.grid.run
-
-    def create_message(self, content: RecordDict, message_type: str, dst_node_id: int,
-                       group_id: str, ttl: Optional[float] = None) -> Message:
-        return self.grid.create_message(content, message_type, dst_node_id, group_id, ttl)
-
-    def get_node_ids(self) -> Iterable[int]:
-        return self.grid.get_node_ids()
-
-    def get_nodes(self):
-        return self.grid.get_nodes()
 
     def push_messages(self, messages: Iterable[Message]) -> Iterable[str]:
         outgoing = []

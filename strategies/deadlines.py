@@ -94,15 +94,12 @@ class RoundClock:
         return int(node) if node is not None else int(reply.metadata.src_node_id)
 
 
-class DeadlineGrid(Grid):
-    """Delegates to ``grid``; every :meth:`send_and_receive` waits at most ``clock.timeout()``.
+class GridProxy(Grid):
+    """A Grid that hands every call to the wrapped ``grid`` (only its public methods); wrappers
+    override what they change."""
 
-    Only the public Grid methods of the wrapped grid are used.
-    """
-
-    def __init__(self, grid: Grid, clock: RoundClock) -> None:
+    def __init__(self, grid: Grid) -> None:
         self.grid = grid
-        self.clock = clock
 
     def set_run(self, run) -> None:
         self.grid.set_run(run)
@@ -126,6 +123,18 @@ class DeadlineGrid(Grid):
 
     def pull_messages(self, message_ids: Iterable[str]) -> Iterable[Message]:
         return self.grid.pull_messages(message_ids)
+
+    def send_and_receive(self, messages: Iterable[Message], *,
+                         timeout: Optional[float] = None) -> Iterable[Message]:
+        return self.grid.send_and_receive(messages, timeout=timeout)
+
+
+class DeadlineGrid(GridProxy):
+    """Delegates to ``grid``; every :meth:`send_and_receive` waits at most ``clock.timeout()``."""
+
+    def __init__(self, grid: Grid, clock: RoundClock) -> None:
+        super().__init__(grid)
+        self.clock = clock
 
     def send_and_receive(self, messages: Iterable[Message], *,
                          timeout: Optional[float] = None) -> Iterable[Message]:
