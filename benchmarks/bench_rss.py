@@ -26,6 +26,7 @@ import shlex
 import signal
 import subprocess
 import sys
+import tempfile
 import time
 from collections import defaultdict
 from pathlib import Path
@@ -131,7 +132,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     p.add_argument("--rounds", type=int, default=40)
     p.add_argument("--iters", type=int, default=2)
     p.add_argument("--size", type=int, default=32, help="image side in px")
-    p.add_argument("--out", type=Path, default=Path("/tmp/bench_rss"))
+    p.add_argument("--out", type=Path, default=Path(tempfile.gettempdir()) / "bench_rss")
     p.add_argument("--port", type=int, default=0, help="base port (0: a free block)")
     p.add_argument("--interval", type=float, default=2.0, help="seconds between peak samples")
     p.add_argument("--max-minutes", type=float, default=0,
