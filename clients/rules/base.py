@@ -46,6 +46,18 @@ class LocalRule:
         return None
 
 
+def load_whole_model(trainer: "SiteTrainer", arrays: Mapping[str, np.ndarray], what: str,
+                     model: str) -> None:
+    """Load every model array from ``arrays`` (a round that hands the site a whole model);
+    ``what`` names the round and ``model`` the model in the error when some are missing."""
+    keys = trainer.keys(["all"])
+    missing = [k for k in keys if k not in arrays]
+    if missing:
+        raise ValueError(f"{what} must carry the whole {model}; {len(missing)} of {len(keys)} "
+                         f"arrays are missing (e.g. {missing[0]!r})")
+    trainer.load_arrays(arrays, keys)
+
+
 def head_split_train(trainer: "SiteTrainer", iters: int, body_iters: int) -> Dict[str, float]:
     """FedRep-style round: ``iters - body_iters`` steps on the head alone, then
     ``body_iters`` steps on everything except the head. Metrics are step-weighted means."""

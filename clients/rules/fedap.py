@@ -25,7 +25,7 @@ import torch
 from torch.nn.modules.batchnorm import _BatchNorm
 
 from ..registry import register_rule
-from .base import LocalRule
+from .base import LocalRule, load_whole_model
 
 STATS_PREFIX = "fedap_stats/"  # the server reads this prefix (strategies/fedap.py)
 
@@ -101,13 +101,7 @@ class FedAPRule(LocalRule):
         self._stats = {}
         if not self.is_collection(server_round):
             return super().receive(trainer, arrays, shared, server_round)
-        keys = trainer.keys(["all"])
-        missing = [k for k in keys if k not in arrays]
-        if missing:
-            raise ValueError(f"FedAP: round {server_round} must carry the whole pre-trained "
-                             f"model; {len(missing)} of {len(keys)} arrays are missing "
-                             f"(e.g. {missing[0]!r})")
-        trainer.load_arrays(arrays, keys)
+        load_whole_model(trainer, arrays, f"FedAP: round {server_round}", "pre-trained model")
         stats = bn_input_statistics(trainer.model, trainer.sample_batches(
             1.0, seed=self.cfg.seed * 1000 + trainer.cid))
         for name, (mean, var) in stats.items():

@@ -30,7 +30,7 @@ from networks.checkpoint import run_meta, save_atomic
 from ..evaluation import validate
 from ..registry import register_rule
 from ..trainer import poly_lr
-from .base import LocalRule
+from .base import LocalRule, load_whole_model
 
 
 @contextlib.contextmanager
@@ -82,13 +82,7 @@ class FineTuneRule(LocalRule):
                 server_round: int) -> None:
         if not self.is_fine_tuning(server_round):
             return super().receive(trainer, arrays, shared, server_round)
-        keys = trainer.keys(["all"])
-        missing = [k for k in keys if k not in arrays]
-        if missing:
-            raise ValueError(f"FT: the fine-tuning round must carry the whole global model; "
-                             f"{len(missing)} of {len(keys)} arrays are missing "
-                             f"(e.g. {missing[0]!r})")
-        trainer.load_arrays(arrays, keys)
+        load_whole_model(trainer, arrays, "FT: the fine-tuning round", "global model")
 
     def local_train(self, trainer, server_round: int) -> Dict[str, float]:
         if not self.is_fine_tuning(server_round):
