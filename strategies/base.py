@@ -114,6 +114,15 @@ class PersonalizedStrategy(Strategy):
     #: The method as its paper defines it: RunConfig values applied when neither the config
     #: file nor the command line sets them (network, objective, method hyper-parameters).
     defaults: Dict[str, object] = {"model": "unet", "procedure": "pce"}
+    #: Rounds the method runs after the configured ``rounds`` (FT's fine-tuning, MetaFed's
+    #: personalisation); :meth:`start` adds them to the loop.
+    extra_rounds: int = 0
+
+    @classmethod
+    def refuses(cls, cfg) -> Optional[Tuple[str, str]]:
+        """``(key, reason)`` when ``cfg`` cannot run this method (pre-flight and
+        :meth:`start`), else None."""
+        return None
 
     def __init__(self, cfg, reporter: Optional[RunReporter] = None,
                  node_timeout: float = 600.0) -> None:
@@ -127,6 +136,8 @@ class PersonalizedStrategy(Strategy):
         self._global_sent: Optional[ArrayRecord] = None
         #: the last round a resumed run had completed (0: a fresh run), see :meth:`start`
         self.resume_round = 0
+        #: how long each phase waits for its replies (Flower's ``timeout``, set by :meth:`start`)
+        self.timeout: float = 3600.0
         #: the round deadline (``round_timeout``) and what the last phase sent
         self.clock = RoundClock(float(getattr(cfg, "round_timeout", 0.0)))
         #: why each node missing from the last phase is missing ("client K (node N)": reason)
@@ -181,9 +192,19 @@ class PersonalizedStrategy(Strategy):
         (and :meth:`load_state_dict`), ``initial_arrays`` is the aggregate of round ``r`` and
         the loop below takes over in Flower's order: the evaluate phase of round ``r`` (the
         final evaluation when ``r`` is the last round, nothing otherwise), then rounds
-        ``r + 1 .. num_rounds``. Subclasses that add rounds (FT, MetaFed) override
-        :meth:`start` to change ``num_rounds`` and call this one.
+        ``r + 1 .. num_rounds``. ``num_rounds`` is the configured ``rounds``; a method with
+        :attr:`extra_rounds` runs that many more after them.
         """
+        problem = self.refuses(self.cfg)
+        if problem:
+            raise ValueError(f"{self.name}: {problem[0]} = {problem[1]}")
+        if self.extra_rounds:
+            if num_rounds != self.cfg.rounds:
+                raise ValueError(f"{self.name}: asked for {num_rounds} rounds but the run config "
+                                 f"has rounds = {self.cfg.rounds}; the method's last "
+                                 f"{self.extra_rounds} round(s) follow the configured last round")
+            num_rounds += self.extra_rounds
+        self.timeout = timeout
         if not isinstance(grid, DeadlineGrid):  # every phase waits at most round_timeout
             grid = DeadlineGrid(grid, self.clock)
         if not self.resume_round:

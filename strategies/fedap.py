@@ -213,12 +213,6 @@ class FedAP(PersonalizedStrategy):
                  self.cfg.fedap_pretrain, self.collect_round, self.cfg.fedap_lambda,
                  self.collect_round + 1)
 
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args, **kwargs):
-        problem = self.refuses(self.cfg)
-        if problem:
-            raise ValueError(f"FedAP: {problem[0]} = {problem[1]}")
-        return super().start(grid, initial_arrays, num_rounds, *args, **kwargs)
-
     def initial_arrays(self, model: nn.Module) -> Dict[str, np.ndarray]:
         if not parameter_groups(model)["bn"]:
             raise ValueError(f"FedAP: network {self.cfg.model!r} has no BatchNorm layer, so "

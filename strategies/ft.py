@@ -49,6 +49,7 @@ class FedAvgFineTune(PersonalizedStrategy):
     deploys = "personal"
     #: Read by the pre-flight checks: only this method takes ``ft_iters`` > 0.
     fine_tunes = True
+    extra_rounds = 1  # the fine-tuning round
     defaults = {"model": "unet", "procedure": "pce", "ft_iters": 200, "ft_lr": 0.001}
 
     @classmethod
@@ -69,17 +70,6 @@ class FedAvgFineTune(PersonalizedStrategy):
         log.info("strategy FT: after round %d every site fine-tunes the final global model for "
                  "%d iterations (round %d, nothing aggregated)", self.cfg.rounds,
                  self.cfg.ft_iters, self.fine_tune_round)
-
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3, *args, **kwargs):
-        """FedAvg's ``num_rounds`` (= ``cfg.rounds``) rounds plus the fine-tuning round."""
-        if num_rounds != self.cfg.rounds:
-            raise ValueError(f"FT: asked for {num_rounds} rounds but the run config has "
-                             f"rounds = {self.cfg.rounds}; the fine-tuning round follows the "
-                             "configured last round")
-        problem = self.refuses(self.cfg)
-        if problem:
-            raise ValueError(f"FT: {problem[0]} = {problem[1]}")
-        return super().start(grid, initial_arrays, num_rounds + 1, *args, **kwargs)
 
     def deadline_scale(self, server_round: int) -> float:
         if server_round == self.fine_tune_round:

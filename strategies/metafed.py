@@ -96,12 +96,12 @@ class MetaFed(PersonalizedStrategy):
 
     name = "MetaFed"
     deploys = "personal"
+    extra_rounds = 1  # the personalisation round
     defaults = {"model": "unet", "procedure": "pce", "metafed_lambda": 1.0,
                 "metafed_threshold": 0.6, "metafed_teacher_threshold": 0.5}
 
     def __init__(self, cfg, reporter=None, node_timeout: float = 600.0) -> None:
         super().__init__(cfg, reporter, node_timeout)
-        self.timeout: Optional[float] = 3600.0
         #: contents of this pass's replies before the last site's, in ring order
         self._ring: List[RecordDict] = []
         #: client id of each message's teacher in this pass (-1: none)
@@ -151,21 +151,6 @@ class MetaFed(PersonalizedStrategy):
                  "each, round %d personalisation; lambda %g, flag threshold %g (validation Dice)",
                  self.cfg.num_clients, self.cfg.rounds, self.personalise_round,
                  self.cfg.metafed_lambda, self.cfg.metafed_threshold)
-
-    def start(self, grid: Grid, initial_arrays: ArrayRecord, num_rounds: int = 3,
-              timeout: float = 3600, train_config: Optional[ConfigRecord] = None,
-              evaluate_config: Optional[ConfigRecord] = None, evaluate_fn=None):
-        """The configured ``rounds`` rounds plus the personalisation round."""
-        if num_rounds != self.cfg.rounds:
-            raise ValueError(f"MetaFed: asked for {num_rounds} rounds but the run config has "
-                             f"rounds = {self.cfg.rounds}; the personalisation round follows the "
-                             "configured last round")
-        problem = self.refuses(self.cfg)
-        if problem:
-            raise ValueError(f"MetaFed: {problem[0]} = {problem[1]}")
-        self.timeout = timeout
-        return super().start(grid, initial_arrays, num_rounds + 1, timeout, train_config,
-                             evaluate_config, evaluate_fn)
 
     def state_dict(self) -> Dict[str, object]:
         """The client whose model ended the last pass (the next pass's first teacher); the
