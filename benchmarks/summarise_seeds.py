@@ -18,6 +18,11 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
+try:  # Python >= 3.11
+    import tomllib
+except ModuleNotFoundError:  # pragma: no cover
+    import tomli as tomllib
+
 Row = Tuple[str, str]  # (client label, target)
 
 
@@ -39,11 +44,30 @@ def _cell(values: Sequence[float], digits: int) -> str:
     return f"{np.mean(values):.{digits}f}{spread}"
 
 
+def default_labels(runs: Sequence[Path]) -> List[str]:
+    """The folder names; where two runs share one (the same method in several comparison
+    folders), each is named by the seed of its config snapshot instead (``config.toml``)."""
+    names = [r.name for r in runs]
+    if len(set(names)) == len(names):
+        return names
+    labels = []
+    for run in runs:
+        seed = "?"
+        snapshot = run / "config.toml"
+        if snapshot.is_file():
+            with open(snapshot, "rb") as f:
+                seed = tomllib.load(f).get("seed", "?")
+        labels.append(f"{run.name} seed {seed}")
+    return labels
+
+
 def table(runs: Sequence[Path], labels: Optional[Sequence[str]] = None) -> str:
     """Markdown: one line per (row, target); Dice and HD95 mean ± std over runs, and each
     run's Dice."""
     summaries = [read_summary(r) for r in runs]
-    labels = list(labels) if labels else [r.name for r in runs]
+    labels = list(labels) if labels else default_labels(runs)
+    if len(labels) != len(runs):
+        raise ValueError(f"--labels: {len(labels)} names for {len(runs)} runs")
     keys: List[Row] = [k for k in summaries[0] if all(k in s for s in summaries)]
     head = ("| site | target | Dice (mean ± std over runs) | HD95 | "
             + " | ".join(f"Dice {name}" for name in labels) + " |")

@@ -30,3 +30,16 @@ def test_table_gives_mean_and_sample_std_over_runs(tmp_path):
 def test_a_run_without_test_results_is_named(tmp_path, capsys):
     assert main([str(tmp_path / "missing")]) == 2
     assert "run test_client.py" in capsys.readouterr().err
+
+
+def test_runs_of_one_method_are_told_apart_by_their_seed(tmp_path):
+    runs = []
+    for seed, dice in [(2022, 0.5), (2023, 0.7)]:
+        run = tmp_path / f"compare_seed{seed}" / "runs" / "FedICRA"
+        write_summary(run, {"mean of sites": dice})
+        (run / "config.toml").write_text(f'strategy = "FedICRA"\nseed = {seed}\n')
+        runs.append(run)
+    head = table(runs).splitlines()[0]
+    assert head.endswith("| Dice FedICRA seed 2022 | Dice FedICRA seed 2023 |")
+    with pytest.raises(ValueError, match="--labels"):
+        table(runs, ["only one"])
