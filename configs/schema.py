@@ -92,7 +92,7 @@ class RunConfig:
     metafed_threshold: float = 0.6  # validation Dice above which a site distils from its teacher instead of copying it (1: always copy)
     metafed_teacher_threshold: float = 0.5  # personalisation: a teacher no better than the site and below this Dice teaches with weight 0
     # FedAP: FedAvg pre-training, then BN local and per-client weights from BN statistics (strategies/fedap.py)
-    fedap_pretrain_rounds: int = 0  # FedAvg rounds before the BN statistics (0: a tenth of rounds, at least 1)
+    fedap_pretrain_rounds: int = 0  # FedAvg rounds before the BN statistics (0: a tenth of rounds, at least 1, at most rounds - 2)
     fedap_lambda: float = 0.5  # weight of the own model in each client's aggregate (the original's model_momentum)
     # validation, logging
     eval_every: int = 1
@@ -116,8 +116,11 @@ class RunConfig:
     @property
     def fedap_pretrain(self) -> int:
         """FedAP's rounds of FedAvg pre-training: ``fedap_pretrain_rounds``, or with 0 a tenth
-        of ``rounds`` (at least 1)."""
-        return self.fedap_pretrain_rounds or max(1, self.rounds // 10)
+        of ``rounds``, at least 1 but at most ``rounds - 2`` (so that the statistics round and
+        one personalised round remain: a 2-round smoke run measures the initial model)."""
+        if self.fedap_pretrain_rounds:
+            return self.fedap_pretrain_rounds
+        return max(0, min(max(1, self.rounds // 10), self.rounds - 2))
 
     @property
     def min_fit(self) -> int:

@@ -168,7 +168,7 @@ class FedAP(PersonalizedStrategy):
 
     Defaults: the plain U-Net with pCE; ``fedap_lambda = 0.5`` (the original code's
     ``model_momentum``); ``fedap_pretrain_rounds = 0``, i.e. a tenth of ``rounds`` (at least
-    1) of FedAvg pre-training, see ``configs/schema.py``.
+    1, at most ``rounds - 2``) of FedAvg pre-training, see ``configs/schema.py``.
     """
 
     deploys = "personal"

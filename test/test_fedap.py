@@ -243,9 +243,14 @@ def test_defaults_and_preflight_refusals_name_the_key():
     ok = RunConfig(strategy="FedAP", model="unet", procedure="pce", rounds=3)
     assert ok.fedap_pretrain == 1
     preflight.check_names(ok)
+    # the automatic choice leaves the statistics round and one personalised round
+    smoke = RunConfig(strategy="FedAP", model="unet", procedure="pce", rounds=2)
+    assert smoke.fedap_pretrain == 0
+    preflight.check_names(smoke)
+    assert RunConfig(strategy="FedAP", rounds=30).fedap_pretrain == 3
     for values, key in (({"rounds": 4, "fedap_pretrain_rounds": 3}, "fedap_pretrain_rounds"),
                         ({"rounds": 4, "fedap_pretrain_rounds": 4}, "fedap_pretrain_rounds"),
-                        ({"rounds": 2}, "fedap_pretrain_rounds"),
+                        ({"rounds": 1}, "fedap_pretrain_rounds"),
                         ({"num_clients": 1}, "num_clients")):
         cfg = RunConfig(**{"strategy": "FedAP", "model": "unet", "procedure": "pce",
                            "rounds": 10, **values})
