@@ -18,11 +18,6 @@ from typing import Dict, List, Optional, Sequence, Tuple
 
 import numpy as np
 
-try:  # Python >= 3.11
-    import tomllib
-except ModuleNotFoundError:  # pragma: no cover
-    import tomli as tomllib
-
 Row = Tuple[str, str]  # (client label, target)
 
 
@@ -50,13 +45,12 @@ def default_labels(runs: Sequence[Path]) -> List[str]:
     names = [r.name for r in runs]
     if len(set(names)) == len(names):
         return names
+    from configs import load_config
+
     labels = []
     for run in runs:
-        seed = "?"
         snapshot = run / "config.toml"
-        if snapshot.is_file():
-            with open(snapshot, "rb") as f:
-                seed = tomllib.load(f).get("seed", "?")
+        seed = load_config(snapshot).seed if snapshot.is_file() else "?"
         labels.append(f"{run.name} seed {seed}")
     return labels
 
