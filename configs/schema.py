@@ -17,7 +17,6 @@ if sys.version_info >= (3, 11):
     import tomllib
 else:  # pragma: no cover
     import tomli as tomllib
-import tomli_w
 
 
 def config_dir() -> Path:
@@ -244,6 +243,8 @@ def load_config(path: os.PathLike) -> RunConfig:
 
 def save_config(cfg: RunConfig, path: os.PathLike) -> None:
     """Write the configuration snapshot atomically."""
+    import tomli_w  # only writing needs it: readers (test script, GPU benchmarks) run without
+
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     fd, tmp = tempfile.mkstemp(prefix=path.name + ".", suffix=".tmp", dir=path.parent)
