@@ -560,7 +560,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     if code:
         return code
     if (out_dir / "metrics.csv").is_file():
-        from strategies.reporting import summary_table
+        from configs.metrics_csv import summary_table
 
         log.info("summary of %s:\n%s", cfg.exp, summary_table(out_dir / "metrics.csv"))
     log.info("done. Test every client: python test_client.py --client all --exp %s --out_root %s",

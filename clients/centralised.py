@@ -32,7 +32,6 @@ learning rate per step, validation Dice per round, predictions), ``global/latest
 """
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import time
@@ -45,6 +44,7 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from configs import RunConfig
+from configs.metrics_csv import append_rows, start_file
 from dataloaders.dataset import InfiniteBatches, SiteDataset
 from dataloaders.tasks import get_task
 from losses.objective import ObjectiveConfig, WeakObjective
@@ -291,18 +291,6 @@ class CentralTrainer:
 
 
 # ---------------------------------------------------------------------- the run
-def _write_rows(path: Path, rows: List[Dict[str, object]]) -> None:
-    from strategies.reporting import CSV_COLUMNS
-
-    new = not path.is_file()
-    with open(path, "a", newline="") as f:
-        out = csv.writer(f)
-        if new:
-            out.writerow(CSV_COLUMNS)
-        for row in rows:
-            out.writerow([row.get(c, "") for c in CSV_COLUMNS])
-
-
 def _device_of(cfg: RunConfig) -> str:
     if cfg.gpus and torch.cuda.is_available():
         return f"cuda:{cfg.gpus[0]}"
@@ -317,9 +305,7 @@ def run_centralised(cfg: RunConfig, device: Optional[str] = None) -> int:
     diverged (the best model so far stays in ``global/best.pt``)."""
     trainer = CentralTrainer(cfg, _device_of(cfg) if device is None else device)
     csv_path = trainer.out_dir / "metrics.csv"
-    if csv_path.exists():
-        csv_path.unlink()
-    _write_rows(csv_path, [])
+    start_file(csv_path)
     sizes = ", ".join(f"site {s}: {len(d)}" for s, d in zip(trainer.sites, trainer.train_sets))
     forms = ", ".join(sorted({d.label_form for d in trainer.train_sets}))
     log.info("%s: centralised training on %s, %d pooled training cases (%s), labels %s, "
@@ -335,7 +321,7 @@ def run_centralised(cfg: RunConfig, device: Optional[str] = None) -> int:
                 log.error("round %d: training diverged (%s); the run stops (lower --base_lr); "
                           "the best model so far is %s", server_round, problem,
                           trainer.out_dir / "global" / "best.pt")
-                _write_rows(csv_path, [{"round": server_round, "client": -1, "diverged": 1,
+                append_rows(csv_path, [{"round": server_round, "client": -1, "diverged": 1,
                                         "num_examples": len(trainer.pooled)}])
                 return 1
             rows: List[Dict[str, object]] = []
@@ -358,7 +344,7 @@ def run_centralised(cfg: RunConfig, device: Optional[str] = None) -> int:
                       "seconds": time.perf_counter() - began, **metrics}
             if mean is not None:
                 pooled["best_val_dice"] = trainer.best_val
-            _write_rows(csv_path, [pooled] + rows)
+            append_rows(csv_path, [pooled] + rows)
             trainer.writer.flush()
             elapsed = time.perf_counter() - start
             log.info("round %d/%d | pooled %d cases | train loss %.4f | val dice %s | %.0f s "

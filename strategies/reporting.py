@@ -1,25 +1,18 @@
 """What the server writes about a run: metrics.csv, TensorBoard, global checkpoints, progress."""
 from __future__ import annotations
 
-import csv
 import logging
 import math
 import time
 from pathlib import Path
-from typing import Callable, Dict, List, Mapping, Optional, Sequence
+from typing import Callable, Dict, Mapping, Optional, Sequence
 
 import numpy as np
 
+from configs.metrics_csv import CSV_COLUMNS, append_rows, keep_rows_up_to, start_file
 from networks.checkpoint import as_tensors, load_checkpoint, save_atomic
 
 log = logging.getLogger("fedicra.server")
-
-#: Columns of metrics.csv; loss terms a method does not produce stay empty. ``missing`` is 1 on
-#: the row of a client that did not answer the round (its other columns empty), else 0.
-CSV_COLUMNS = ("round", "client", "num_examples", "total", "pce", "tree", "crf", "sc", "calib", "extra",
-               "lr", "val_dice", "best_val_dice", "val_dice_global", "diverged", "seconds",
-               "missing")
-
 
 def _fmt_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
@@ -58,27 +51,13 @@ class RunReporter:
         self.csv_path = self.out_dir / "metrics.csv"
         self.out_dir.mkdir(parents=True, exist_ok=True)
         if self.resume_round:
-            self._keep_rows_up_to(self.resume_round)
+            dropped = keep_rows_up_to(self.csv_path, self.resume_round)
+            if dropped:
+                log.info("metrics.csv: dropped %d row(s) of the interrupted round %d",
+                         dropped, self.resume_round + 1)
         else:
-            with open(self.csv_path, "w", newline="") as f:
-                csv.writer(f).writerow(CSV_COLUMNS)
+            start_file(self.csv_path)
         self._writer = None
-
-    def _keep_rows_up_to(self, last_round: int) -> None:
-        rows: List[Dict[str, str]] = []
-        if self.csv_path.is_file():
-            with open(self.csv_path, newline="") as f:
-                rows = list(csv.DictReader(f))
-        kept = [r for r in rows if r.get("round") and int(r["round"]) <= last_round]
-        tmp = self.csv_path.with_name(self.csv_path.name + ".resume.tmp")
-        with open(tmp, "w", newline="") as f:  # by column name: the columns may have grown
-            out = csv.DictWriter(f, CSV_COLUMNS, restval="", extrasaction="ignore")
-            out.writeheader()
-            out.writerows(kept)
-        tmp.replace(self.csv_path)
-        if len(kept) < len(rows):
-            log.info("metrics.csv: dropped %d row(s) of the interrupted round %d",
-                     len(rows) - len(kept), last_round + 1)
 
     @property
     def writer(self):
@@ -137,10 +116,7 @@ class RunReporter:
             row.update({k: m[k] for k in CSV_COLUMNS if k in m and k not in row})
             rows.append(row)
         rows += [{"round": server_round, "client": int(k), "missing": 1} for k in missing]
-        with open(self.csv_path, "a", newline="") as f:
-            out = csv.writer(f)
-            for row in sorted(rows, key=lambda r: r["client"]):
-                out.writerow([row.get(c, "") for c in CSV_COLUMNS])
+        append_rows(self.csv_path, sorted(rows, key=lambda r: r["client"]))
 
     def record_global_validation(self, aggregate_round: int, arrays: Mapping[str, np.ndarray],
                                  val_dice: float) -> None:
@@ -170,29 +146,3 @@ class RunReporter:
             log.info("final validation | client %d | dice %.4f", int(m.get("cid", -1)),
                      m.get("val_dice", float("nan")))
 
-
-def summary_table(csv_path: Path) -> str:
-    """End-of-run table from metrics.csv: per client its best validation Dice and the round
-    it was reached (the personalised checkpoint), and the best mean Dice of the global model
-    where the method validates it (its row ``round r`` scores the aggregate of round r - 1)."""
-    best: Dict[int, tuple] = {}
-    global_means: Dict[int, List[float]] = {}
-    with open(csv_path, newline="") as f:
-        for row in csv.DictReader(f):
-            client, rnd = int(row["client"]), int(row["round"])
-            if row.get("val_dice"):
-                value = float(row["val_dice"])
-                if client not in best or value > best[client][0]:
-                    best[client] = (value, rnd)
-            if row.get("val_dice_global"):
-                global_means.setdefault(rnd - 1, []).append(float(row["val_dice_global"]))
-    lines = ["client | best validation Dice | round"]
-    lines += [f"{k:>6} | {v:.4f} | {r}" for k, (v, r) in sorted(best.items())]
-    if best:
-        lines.append(f"{'mean':>6} | {np.mean([v for v, _ in best.values()]):.4f} |")
-    if global_means:
-        rnd, value = max(((r, float(np.mean(v))) for r, v in global_means.items()),
-                         key=lambda item: item[1])
-        lines.append(f"global model: best mean validation Dice {value:.4f} (aggregate of round "
-                     f"{rnd}; the final aggregate is scored after the last round)")
-    return "\n".join(lines)

@@ -29,7 +29,7 @@ def test_overlay_draws_the_truth_contour_over_the_prediction():
 
 
 def test_end_of_run_summary_names_each_site_best_round(tmp_path):
-    from strategies.reporting import CSV_COLUMNS, summary_table
+    from configs.metrics_csv import CSV_COLUMNS, summary_table
 
     rows = [(1, 0, 0.5, ""), (1, 1, 0.7, ""), (2, 0, 0.6, 0.4), (2, 1, 0.65, 0.5), (3, 0, 0.55, 0.6),
             (3, 1, 0.66, 0.7)]

@@ -160,7 +160,8 @@ def test_rollback_puts_back_sites_ahead_and_leaves_those_behind(tmp_path):
 
 
 def test_resumed_metrics_keep_the_completed_rounds_by_column_name(tmp_path):
-    from strategies.reporting import CSV_COLUMNS, RunReporter
+    from configs.metrics_csv import CSV_COLUMNS
+    from strategies.reporting import RunReporter
 
     (tmp_path / "metrics.csv").write_text(
         "round,client,total,seconds\n1,0,0.5,1.0\n2,0,0.4,1.0\n3,0,0.3,1.0\n")
