@@ -463,7 +463,7 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
 
 
 def subcommand_main(argv: List[str]) -> int:
-    from deployment import launch
+    from deployment import multi_machine
     from deployment.processes import DeploymentError
 
     args = parse_subcommand(argv)
@@ -487,7 +487,7 @@ def subcommand_main(argv: List[str]) -> int:
                                                    "ssl_ca_certfile", "enable_supernode_auth")
                      if getattr(args, k)}  # else from --tls / --auth-keys
             opts = deploy_options(args, host=args.host, **given)
-            return launch.serve_superlink(args.port, args.out_dir, opts)
+            return multi_machine.serve_superlink(args.port, args.out_dir, opts)
         if args.command == "site":
             opts = deploy_options(args, auth_private_key=args.auth_supernode_private_key)
             overrides = {k: getattr(args, k) for k in ("root_path", "out_root") if getattr(args, k)}
@@ -499,7 +499,7 @@ def subcommand_main(argv: List[str]) -> int:
             counts = preflight.count_cases(snapshot, sites=[args.cid])
             log.info("site %d data: %s", args.cid, preflight.describe_counts(counts))
             port = args.port if args.port is not None else snapshot.port
-            return launch.serve_site(args.config, args.cid, args.superlink, port, args.gpu, opts,
+            return multi_machine.serve_site(args.config, args.cid, args.superlink, port, args.gpu, opts,
                                      overrides)
         cfg = absolute_paths(resolve_config(args))
         preflight.check_run(cfg, data=False)  # the data lives on the sites
@@ -508,7 +508,7 @@ def subcommand_main(argv: List[str]) -> int:
         if args.dry_run:
             log.info("snapshot written: %s", (cfg.out_dir / "config.toml").resolve())
             return 0
-        return launch.launch_run(cfg.out_dir / "config.toml", args.superlink, deploy_options(args))
+        return multi_machine.launch_run(cfg.out_dir / "config.toml", args.superlink, deploy_options(args))
     except (ValueError, FileNotFoundError, FileExistsError, DeploymentError) as err:
         log.error("error: %s", err)
         return 2

@@ -1,7 +1,8 @@
 """Start the parts of a deployment and submit the run.
 
 Three building blocks, usable on one machine together (:func:`run_deployment`) or on many
-machines apart (the ``superlink``, ``site`` and ``launch`` subcommands of ``flower_runner.py``):
+machines apart (:mod:`deployment.multi_machine`, the ``superlink``, ``site`` and ``launch``
+subcommands of ``flower_runner.py``):
 
 - :func:`start_superlink`: the coordinator, ``flower-superlink`` (Fleet, Control and
   ServerAppIo APIs on one HTTP port in Flower 1.42);
@@ -26,7 +27,7 @@ import subprocess
 import sys
 import threading
 import time
-from dataclasses import dataclass, field, replace
+from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
@@ -36,6 +37,7 @@ from .processes import (ChildFailed, DeploymentError, Interrupted, ProcessGroup,
                         check_ports_free, interrupts_raise)
 from .security import UNREACHABLE, register_supernodes, tls_problem
 from .supernode import ENV_KEY as NODE_POLL_ENV
+from .supervisor import WorkerSupervisor
 
 log = logging.getLogger("fedicra.deploy")
 
@@ -450,7 +452,7 @@ def wait_site(group: ProcessGroup, site: Site, plan: PortPlan, opts: DeployOptio
 def submit_run(group: ProcessGroup, snapshot: Path, flwr_home: Path, opts: DeployOptions,
                watch: Sequence[str] = (), stop_run: bool = False,
                federation_config: str = "",
-               supervise: Optional["WorkerSupervisor"] = None) -> int:
+               supervise: Optional[WorkerSupervisor] = None) -> int:
     """``flwr run`` the repository with ``snapshot``; stream its log; return 0 if it completed.
 
     While the log streams, the children named in ``watch`` must stay alive (else
@@ -530,13 +532,13 @@ def run_status(run_id: int, flwr_home: Path, opts: DeployOptions) -> str:
 
 
 # ---------------------------------------------------------------------- entry points
-def _group(out_dir: Path) -> ProcessGroup:
+def process_group(out_dir: Path) -> ProcessGroup:
     group = ProcessGroup(out_dir / "logs", out_dir / "pids.json")
     group.write_pids()
     return group
 
 
-def _finish(group: ProcessGroup, opts: DeployOptions) -> None:
+def stop_children(group: ProcessGroup, opts: DeployOptions) -> None:
     group.stop_all(opts.stop_timeout)
     group.write_pids()
     removed = remove_partial_files(group.pid_file.parent)
@@ -555,7 +557,7 @@ def remove_partial_files(out_dir: Path) -> int:
     return count
 
 
-def _interrupted(err: Interrupted) -> int:
+def interrupted_code(err: Interrupted) -> int:
     log.warning("interrupted by %s: stopping every child process", err)
     return 128 + err.signum
 
@@ -581,7 +583,7 @@ def run_deployment(cfg, options: Optional[DeployOptions] = None) -> int:
     superlink = f"127.0.0.1:{plan.superlink}"
     write_flwr_config(flwr_home, superlink, opts)
     gpus = _visible_gpus(list(cfg.gpus))
-    group = _group(out_dir)
+    group = process_group(out_dir)
     started = time.perf_counter()
     try:
         with interrupts_raise():
@@ -603,12 +605,12 @@ def run_deployment(cfg, options: Optional[DeployOptions] = None) -> int:
             return submit_run(group, snapshot, flwr_home, opts, watch=watch,
                               supervise=supervisor)
     except Interrupted as err:
-        return _interrupted(err)
+        return interrupted_code(err)
     except (ChildFailed, TimeoutError) as err:
         log.error("deployment failed: %s", err)
         return RUN_FAILED
     finally:
-        _finish(group, opts)
+        stop_children(group, opts)
 
 
 def register_keys(flwr_home: Path, opts: DeployOptions, keys: Sequence[Path]) -> None:
@@ -632,141 +634,3 @@ def _visible_gpus(gpus: List[int]) -> List[int]:
         log.warning("--gpus %s given but no NVIDIA driver found: clients train on the CPU", gpus)
         return []
     return gpus
-
-
-def serve_superlink(port: int, out_dir: Path, opts: DeployOptions) -> int:
-    """Run only the coordinator until Ctrl-C (multi-machine deployments)."""
-    out_dir = out_dir.resolve()
-    check_ports_free({f"SuperLink (--port {port})": port}, host=opts.host if opts.host not in
-                     ("0.0.0.0", "::") else "0.0.0.0")
-    flwr_home = out_dir / "flwr_home"
-    group = _group(out_dir)
-    try:
-        with interrupts_raise():
-            start_superlink(group, port, flwr_home, opts)
-            if opts.enable_supernode_auth and opts.auth_keys:
-                keys = sorted(Path(opts.auth_keys).glob("*.pub"))
-                if not keys:
-                    raise DeploymentError(f"--auth-keys: no *.pub public keys in {opts.auth_keys}")
-                local = "127.0.0.1" if opts.host in ("0.0.0.0", "", "::") else opts.host
-                write_flwr_config(flwr_home, f"{local}:{port}", replace(
-                    opts, root_certificates=opts.root_certificates or opts.ssl_ca_certfile))
-                register_keys(flwr_home, opts, keys)
-            log.info("sites join with: python flower_runner.py site --cid K --superlink "
-                     "<this host>:%d --config <snapshot>; submit with: python flower_runner.py "
-                     "launch --superlink <this host>:%d --config <snapshot>", port, port)
-            return _block(group)
-    except Interrupted as err:
-        return _interrupted(err)
-    except ChildFailed as err:
-        log.error("%s", err)
-        return RUN_FAILED
-    finally:
-        _finish(group, opts)
-
-
-def serve_site(snapshot: Path, cid: int, superlink: str, port: int, gpu: Optional[int],
-               opts: DeployOptions, overrides: Optional[Dict[str, str]] = None) -> int:
-    """Run only client ``cid`` (worker + SuperNode) until Ctrl-C.
-
-    ``overrides`` (``root_path``, ``out_root``) replace the snapshot's data and output roots
-    on this machine; logs and pids go to ``<out_dir>/site<cid>/``.
-    """
-    from configs import load_config
-
-    snapshot = snapshot.resolve()
-    cfg = load_config(snapshot).override(dict(overrides or {}), "site flags")
-    out_dir = Path(cfg.out_dir).resolve()
-    plan = PortPlan(port)
-    check_ports_free(plan.site_ports(cid))
-    group = _group(out_dir / f"site{cid}")
-    try:
-        with interrupts_raise():
-            site = start_site(group, cid, snapshot, superlink, out_dir, plan, gpu, opts,
-                              threads=cfg.site_threads(sites_here=1), overrides=overrides)
-            log.info("client %d joined %s; Ctrl-C to leave", site.cid, superlink)
-            return _block(group, WorkerSupervisor(group, {site.worker: cid},
-                                                  opts.worker_restarts))
-    except Interrupted as err:
-        return _interrupted(err)
-    except (ChildFailed, TimeoutError) as err:
-        log.error("site %d failed: %s", cid, err)
-        return RUN_FAILED
-    finally:
-        _finish(group, opts)
-
-
-def launch_run(snapshot: Path, superlink: str, opts: DeployOptions) -> int:
-    """Submit the run of ``snapshot`` to a running SuperLink and stream it (no other children)."""
-    from configs import load_config
-
-    out_dir = Path(load_config(snapshot).out_dir).resolve()
-    check_out_dir_not_packed(out_dir)
-    flwr_home = out_dir / "flwr_home"
-    write_flwr_config(flwr_home, superlink, opts)
-    group = ProcessGroup(out_dir / "logs")
-    try:
-        with interrupts_raise():
-            return submit_run(group, snapshot, flwr_home, opts, stop_run=True)
-    except Interrupted as err:
-        return _interrupted(err)
-    finally:
-        group.stop_all(opts.stop_timeout)
-
-
-def _block(group: ProcessGroup, supervise: Optional["WorkerSupervisor"] = None) -> int:
-    """Wait until a child exits (then fail; ``supervise`` restarts workers instead) or a
-    signal arrives."""
-    while True:
-        if supervise is not None:
-            supervise.check()
-        group.check_alive([n for n in group.children
-                           if supervise is None or n not in supervise.workers])
-        time.sleep(0.5)
-
-
-class WorkerSupervisor:
-    """Starts a site worker again when it exits, up to ``restarts`` times each.
-
-    The restarted worker loads its data and model, and the next request it gets continues
-    from its ``client<k>/latest.pt`` (:meth:`deployment.worker.SiteWorker._align`): the site
-    misses the rounds it was down for (the server goes on without it, see
-    ``min_fit_clients``) and rejoins. After ``restarts`` restarts the worker stays down and
-    the run goes on without the site.
-
-    Parameters
-    ----------
-    group : ProcessGroup
-        The children; the workers were started with :func:`start_worker`.
-    workers : mapping
-        Child name -> client id.
-    restarts : int
-        Restarts allowed per worker.
-    """
-
-    def __init__(self, group: ProcessGroup, workers: Dict[str, int], restarts: int = 3) -> None:
-        self.group = group
-        self.workers = dict(workers)
-        self.restarts = int(restarts)
-        self.count = {name: 0 for name in self.workers}
-        self.given_up: set = set()
-
-    def check(self) -> None:
-        for name, cid in self.workers.items():
-            child = self.group.children[name]
-            if child.alive() or name in self.given_up:
-                continue
-            tail = child.log_tail()
-            if self.count[name] >= self.restarts:
-                self.given_up.add(name)
-                log.error("%s (client %d) exited with code %s after %d restart(s); not "
-                          "restarted again: the run goes on without client %d. Last lines of "
-                          "%s:\n%s", name, cid, child.proc.returncode, self.count[name], cid,
-                          child.log_path, tail)
-                continue
-            self.count[name] += 1
-            log.warning("%s (client %d) exited with code %s; restarting it (%d of %d), it "
-                        "rejoins from its latest.pt. Last lines of %s:\n%s", name, cid,
-                        child.proc.returncode, self.count[name], self.restarts, child.log_path,
-                        tail)
-            self.group.restart(name)
