@@ -15,8 +15,9 @@ import time
 from pathlib import Path
 from typing import Optional
 
-from .launch import (RUN_FAILED, DeployOptions, _finish, _group, _interrupted,
-                     check_out_dir_not_packed, start_superlink, submit_run, write_flwr_config)
+from .launch import (RUN_FAILED, DeployOptions, check_out_dir_not_packed, interrupted_code,
+                     process_group, start_superlink, stop_children, submit_run,
+                     write_flwr_config)
 from .processes import ChildFailed, Interrupted, check_ports_free, interrupts_raise
 
 log = logging.getLogger("fedicra.deploy")
@@ -42,7 +43,7 @@ def run_simulation(cfg, num_gpus: float = 0.0, options: Optional[DeployOptions] 
     check_ports_free({f"SuperLink (--port {port})": port})
     flwr_home = out_dir / "flwr_home"
     write_flwr_config(flwr_home, f"127.0.0.1:{port}", opts)
-    group = _group(out_dir)
+    group = process_group(out_dir)
     started = time.perf_counter()
     try:
         with interrupts_raise():
@@ -51,9 +52,9 @@ def run_simulation(cfg, num_gpus: float = 0.0, options: Optional[DeployOptions] 
             return submit_run(group, out_dir / "config.toml", flwr_home, opts, watch=["superlink"],
                               federation_config=federation_config(cfg, num_gpus))
     except Interrupted as err:
-        return _interrupted(err)
+        return interrupted_code(err)
     except (ChildFailed, TimeoutError) as err:
         log.error("simulation failed: %s", err)
         return RUN_FAILED
     finally:
-        _finish(group, opts)
+        stop_children(group, opts)

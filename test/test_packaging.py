@@ -1,4 +1,4 @@
-"""environment.yaml must list exactly the dependencies of pyproject.toml (plus the dev extra)."""
+"""Packaging: environment.yaml lists the dependencies of pyproject.toml, and every module imports."""
 import re
 from pathlib import Path
 
@@ -20,3 +20,26 @@ def test_environment_yaml_mirrors_pyproject():
     listed = {_name(line.strip()[2:]) for line in pip_section if line.strip().startswith("- ")}
     listed.discard("-e")
     assert listed == wanted
+
+
+def test_every_module_of_the_project_imports():
+    """A name moved between modules breaks the module that still imports it by its old place;
+    many of them run only in child processes (deployment, simulation), so import each here."""
+    import importlib
+    import pkgutil
+
+    project = tomllib.loads((REPO / "pyproject.toml").read_text())
+    packages = [p.rstrip("*") for p in project["tool"]["setuptools"]["packages"]["find"]["include"]]
+    names = list(project["tool"]["setuptools"]["py-modules"])
+    for package in packages:
+        module = importlib.import_module(package)
+        names += [info.name for info in pkgutil.walk_packages(module.__path__, package + ".")]
+    names += [f"benchmarks.{p.stem}" for p in (REPO / "benchmarks").glob("*.py")]
+    failures = {}
+    for name in sorted(set(names)):
+        try:
+            importlib.import_module(name)
+        except Exception as err:  # noqa: BLE001 - each failure is reported by module name
+            failures[name] = f"{type(err).__name__}: {err}"
+    assert not failures, failures
+    assert len(names) > 60  # the walk found the modules
