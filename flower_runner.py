@@ -499,8 +499,8 @@ def subcommand_main(argv: List[str]) -> int:
             counts = preflight.count_cases(snapshot, sites=[args.cid])
             log.info("site %d data: %s", args.cid, preflight.describe_counts(counts))
             port = args.port if args.port is not None else snapshot.port
-            return multi_machine.serve_site(args.config, args.cid, args.superlink, port, args.gpu, opts,
-                                     overrides)
+            return multi_machine.serve_site(args.config, args.cid, args.superlink, port, args.gpu,
+                                            opts, overrides)
         cfg = absolute_paths(resolve_config(args))
         preflight.check_run(cfg, data=False)  # the data lives on the sites
         preflight.claim_output(cfg.out_dir, args.overwrite)
@@ -508,7 +508,8 @@ def subcommand_main(argv: List[str]) -> int:
         if args.dry_run:
             log.info("snapshot written: %s", (cfg.out_dir / "config.toml").resolve())
             return 0
-        return multi_machine.launch_run(cfg.out_dir / "config.toml", args.superlink, deploy_options(args))
+        return multi_machine.launch_run(cfg.out_dir / "config.toml", args.superlink,
+                                        deploy_options(args))
     except (ValueError, FileNotFoundError, FileExistsError, DeploymentError) as err:
         log.error("error: %s", err)
         return 2

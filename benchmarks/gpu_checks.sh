@@ -20,7 +20,7 @@
 #
 # Each step writes OUT/<step>.log (at most 7 files). STEPS="faz losses" runs only the steps
 # named. QUICK=1 runs the same steps at toy sizes on the CPU, to check the script itself
-# without a GPU (test/test_speed.py does).
+# without a GPU (test/test_gpu_checks.py does).
 set -uo pipefail
 cd "$(dirname "$0")/.."
 

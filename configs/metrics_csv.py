@@ -26,13 +26,11 @@ def start_file(path: Path) -> None:
 
 
 def append_rows(path: Path, rows: Iterable[Mapping[str, object]]) -> None:
-    """Append ``rows`` in the given order; keys outside :data:`CSV_COLUMNS` are ignored,
-    absent columns stay empty. The header is written first when the file does not exist."""
-    new = not Path(path).is_file()
+    """Append ``rows`` in the given order to a file begun by :func:`start_file` (or
+    :func:`keep_rows_up_to`); keys outside :data:`CSV_COLUMNS` are ignored, absent columns
+    stay empty."""
     with open(path, "a", newline="") as f:
         out = csv.writer(f)
-        if new:
-            out.writerow(CSV_COLUMNS)
         for row in rows:
             out.writerow([row.get(c, "") for c in CSV_COLUMNS])
 

@@ -72,8 +72,8 @@ def serve_site(snapshot: Path, cid: int, superlink: str, port: int, gpu: Optiona
             site = start_site(group, cid, snapshot, superlink, out_dir, plan, gpu, opts,
                               threads=cfg.site_threads(sites_here=1), overrides=overrides)
             log.info("client %d joined %s; Ctrl-C to leave", site.cid, superlink)
-            return block_until_exit(group, WorkerSupervisor(group, {site.worker: cid},
-                                                  opts.worker_restarts))
+            supervisor = WorkerSupervisor(group, {site.worker: cid}, opts.worker_restarts)
+            return block_until_exit(group, supervisor)
     except Interrupted as err:
         return interrupted_code(err)
     except (ChildFailed, TimeoutError) as err:

@@ -14,6 +14,7 @@ from networks.checkpoint import as_tensors, load_checkpoint, save_atomic
 
 log = logging.getLogger("fedicra.server")
 
+
 def _fmt_seconds(seconds: float) -> str:
     seconds = int(round(seconds))
     minutes, sec = divmod(seconds, 60)
@@ -145,4 +146,3 @@ class RunReporter:
         for m in sorted(client_metrics, key=lambda m: m.get("cid", -1)):
             log.info("final validation | client %d | dice %.4f", int(m.get("cid", -1)),
                      m.get("val_dice", float("nan")))
-
