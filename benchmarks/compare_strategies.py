@@ -1,7 +1,8 @@
-"""Train and test every compared method on one federation, one seed and one schedule.
+"""Train and test every compared method on one federation and schedule, with one or several seeds.
 
     python -m benchmarks.compare_strategies --config configs/compare_faz_cpu.toml --out results/compare_faz_cpu
     python -m benchmarks.compare_strategies --task synthetic_faz --methods all --rounds 2 --iters 2 --img_size 32 --out DIR
+    python -m benchmarks.compare_strategies --config configs/compare_faz_cpu.toml --seeds 2022,2023,2024 --methods FedICRA,FedBN --out DIR
 
 Each method runs as its name defines it (``flower_runner.py --strategy NAME``: its own
 network, objective and hyper-parameters), on the same data, seed, rounds, local iterations,
@@ -11,19 +12,42 @@ otherwise). One row is not a method of its own: ``FedAvg + full objective`` is F
 FedICRA's network and weakly supervised objective, so that the table separates what the
 objective gains from what the federated method gains.
 
+Seeds: ``--seed S`` (or none: the configuration's) runs every method once, as before;
+``--seeds A,B,C`` runs every method once per seed (``--seeds S`` with one seed is ``--seed S``).
+A seed changes the initialisation and the train/validation split, never the test set.
+
 Written to ``--out DIR``:
 
-- ``runs/<method>/``: each run's folder (config snapshot, checkpoints, metrics.csv,
-  TensorBoard, test results) and ``compare.json`` (its command and wall time);
+- ``runs/<method>/`` (one seed) or ``runs/<method>_seed<S>/`` (several seeds, one folder per
+  seed): each run's folder (config snapshot, checkpoints, metrics.csv, TensorBoard, test
+  results) and ``compare.json`` (its command and wall time); ``runs/<folder>.log``: its output.
+  With several seeds, a finished single-seed folder ``runs/<method>/`` whose config snapshot
+  has seed ``S`` stands for ``runs/<method>_seed<S>/`` (it is not trained again);
 - ``comparison.csv``: one row per method, site (and ``mean of sites``, ``pooled``) and target
-  (``faz``; ``cup`` and ``disc`` for fundus), Dice and HD95 mean and std over the test cases
-  (the ``mean of sites`` std is over sites);
-- ``comparison.md``: the same as Markdown tables, methods as rows and sites as columns;
+  (``faz``; ``cup`` and ``disc`` for fundus), Dice and HD95 mean and std. One seed: the std
+  is over the test cases (the ``mean of sites`` std is over sites). Several seeds: every value
+  is the mean and the (sample, ddof=1) std over the seeds of the per-seed values (a site's mean
+  test Dice / HD95 over its cases, the mean of sites, the pooled mean); ``seeds`` lists the
+  seeds a row averages, ``train_seconds`` is the mean per seed. Columns ``wilcoxon_ref``,
+  ``wilcoxon_p`` and ``wilcoxon_pairs``: the paired test below, for every site row, ``mean of
+  sites`` and ``pooled`` (both: every test case of the target);
+- ``comparison_per_seed.csv`` (several seeds only): the single-seed rows of every run, with
+  its ``seed``;
+- ``comparison.md``: the same as Markdown tables, methods as rows and sites as columns, with
+  the p-value of the pooled test;
 - ``val_dice.png``: the mean over sites of the validation Dice per round, one line per method
-  (for methods that deploy a global model, the validation of that global model).
+  (for methods that deploy a global model, the validation of that global model); with several
+  seeds the line is the mean over seeds and the shaded band spans min..max over seeds.
 
-A method whose test results are already in ``DIR`` is skipped, so an interrupted comparison
-resumes where it stopped (a half-finished run is trained again from the start).
+Paired test: every row is compared with FedICRA (or, when FedICRA is not among the reported
+methods, with the first one, which the table names) by a two-sided Wilcoxon signed-rank test
+(``scipy.stats.wilcoxon``) on the per-case test Dice (``test/result.csv``), paired case by
+case (same site, case and target). The test set is the same for every seed, so several seeds
+are combined by averaging each test case's Dice over the seeds first; the pairs are then the
+test cases. All-zero differences give p = 1; cases whose Dice is undefined are left out.
+
+A method (and seed) whose test results are already in ``DIR`` is skipped, so an interrupted
+comparison resumes where it stopped (a half-finished run is trained again from the start).
 """
 from __future__ import annotations
 
@@ -37,7 +61,7 @@ import sys
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Dict, List, Mapping, Optional, Sequence
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fedicra.compare")
@@ -105,18 +129,68 @@ def select_methods(spec: str) -> List[Method]:
 
 
 # ---------------------------------------------------------------------- running
-def run_dir(out: Path, method: Method) -> Path:
-    return out / "runs" / method.slug
+def parse_seeds(spec: str) -> List[int]:
+    """``--seeds``: a comma-separated list of distinct integers."""
+    try:
+        seeds = [int(s) for s in spec.split(",") if s.strip()]
+    except ValueError:
+        raise SystemExit(f"--seeds: expected integers separated by commas, got {spec!r}") from None
+    if not seeds or len(set(seeds)) != len(seeds):
+        raise SystemExit(f"--seeds: expected distinct integers separated by commas, got {spec!r}")
+    return seeds
 
 
-def is_done(out: Path, method: Method) -> bool:
-    folder = run_dir(out, method)
-    return (folder / "test" / "mean_std_result.csv").is_file() and (folder / "compare.json").is_file()
+def run_dir(out: Path, method: Method, seed: Optional[int] = None) -> Path:
+    """Where ``method`` is trained: ``runs/<method>`` (one seed: ``seed=None``) or
+    ``runs/<method>_seed<S>`` (one of several seeds)."""
+    name = method.slug if seed is None else f"{method.slug}_seed{seed}"
+    return out / "runs" / name
 
 
-def train_command(args: argparse.Namespace, method: Method, port: int) -> List[str]:
+def _finished(folder: Path) -> bool:
+    return ((folder / "test" / "mean_std_result.csv").is_file()
+            and (folder / "compare.json").is_file())
+
+
+def snapshot_seed(folder: Path) -> Optional[int]:
+    """The seed of a run's configuration snapshot (``config.toml``), None if unreadable."""
+    try:
+        import tomllib
+    except ImportError:  # Python 3.10
+        import tomli as tomllib
+
+    try:
+        with open(folder / "config.toml", "rb") as f:
+            seed = tomllib.load(f).get("seed")
+    except (OSError, ValueError):
+        return None
+    return seed if isinstance(seed, int) else None
+
+
+def result_dir(out: Path, method: Method, seed: Optional[int] = None) -> Optional[Path]:
+    """The folder holding the finished results of ``method`` (and ``seed``), None if there is
+    none yet. For one of several seeds, a finished single-seed folder ``runs/<method>`` of the
+    same seed stands in for ``runs/<method>_seed<S>``."""
+    folder = run_dir(out, method, seed)
+    if _finished(folder):
+        return folder
+    if seed is not None:
+        single = run_dir(out, method)
+        if _finished(single) and snapshot_seed(single) == seed:
+            return single
+    return None
+
+
+def is_done(out: Path, method: Method, seed: Optional[int] = None) -> bool:
+    return result_dir(out, method, seed) is not None
+
+
+def train_command(args: argparse.Namespace, method: Method, port: int,
+                  seed: Optional[int] = None) -> List[str]:
+    """The runner's command for ``method``; ``seed`` (one of several) replaces ``--seed``."""
+    folder = run_dir(Path(args.out), method, seed)
     cmd = [sys.executable, "flower_runner.py", "--strategy", method.strategy,
-           "--out_root", str(Path(args.out).resolve() / "runs"), "--exp", method.slug,
+           "--out_root", str(Path(args.out).resolve() / "runs"), "--exp", folder.name,
            "--overwrite", "--port", str(port)]
     if args.config:
         cmd += ["--config", str(args.config)]
@@ -124,7 +198,7 @@ def train_command(args: argparse.Namespace, method: Method, port: int) -> List[s
         cmd += ["--img_class", args.task]
     for flag in ("rounds", "iters", "img_size", "num_clients", "root_path", "seed",
                  "batch_size", "mode"):
-        value = getattr(args, flag)
+        value = seed if flag == "seed" and seed is not None else getattr(args, flag)
         if value is not None:
             cmd += [f"--{flag}", str(value)]
     for key, value in method.settings.items():
@@ -137,23 +211,26 @@ def train_command(args: argparse.Namespace, method: Method, port: int) -> List[s
     return cmd
 
 
-def test_command(args: argparse.Namespace, method: Method) -> List[str]:
-    cmd = [sys.executable, "test_client.py", "--client", "all", "--exp", method.slug,
+def test_command(args: argparse.Namespace, method: Method, seed: Optional[int] = None) -> List[str]:
+    folder = run_dir(Path(args.out), method, seed)
+    cmd = [sys.executable, "test_client.py", "--client", "all", "--exp", folder.name,
            "--out_root", str(Path(args.out).resolve() / "runs"), "--no_images"]
     if args.device:
         cmd += ["--device", args.device]
     return cmd
 
 
-def run_method(args: argparse.Namespace, method: Method) -> Dict[str, object]:
-    """Train and test ``method``; the run's output is appended to ``runs/<method>.log``."""
+def run_method(args: argparse.Namespace, method: Method, seed: Optional[int] = None
+               ) -> Dict[str, object]:
+    """Train and test ``method`` (with ``seed``, one of several); the run's output goes to
+    ``runs/<folder>.log``."""
     from deployment.processes import free_port_base
 
-    folder = run_dir(Path(args.out), method)
+    folder = run_dir(Path(args.out), method, seed)
     folder.parent.mkdir(parents=True, exist_ok=True)
-    log_path = folder.parent / f"{method.slug}.log"
-    train = train_command(args, method, free_port_base(4 + 2 * (args.num_clients or 5)))
-    test = test_command(args, method)
+    log_path = folder.parent / f"{folder.name}.log"
+    train = train_command(args, method, free_port_base(4 + 2 * (args.num_clients or 5)), seed)
+    test = test_command(args, method, seed)
     start = time.perf_counter()
     with open(log_path, "w") as logf:
         for step, cmd in (("training", train), ("testing", test)):
@@ -171,6 +248,8 @@ def run_method(args: argparse.Namespace, method: Method) -> Dict[str, object]:
               "test_command": " ".join(test[1:]), "train_seconds": train_seconds,
               "total_seconds": time.perf_counter() - start,
               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if seed is not None:
+        record["seed"] = seed
     (folder / "compare.json").write_text(json.dumps(record, indent=2))
     return record
 
@@ -181,10 +260,13 @@ def read_csv(path: Path) -> List[Dict[str, str]]:
         return list(csv.DictReader(f))
 
 
-def result_rows(out: Path, method: Method) -> List[Dict[str, object]]:
-    """``comparison.csv`` rows of one tested method."""
-    folder = run_dir(out, method)
+def result_rows(out: Path, method: Method, seed: Optional[int] = None) -> List[Dict[str, object]]:
+    """``comparison.csv`` rows of one tested method (and seed): std over the test cases."""
+    folder = result_dir(out, method, seed)
+    if folder is None:
+        raise FileNotFoundError(f"{run_dir(out, method, seed)} holds no test results")
     record = json.loads((folder / "compare.json").read_text())
+    run_seed = seed if seed is not None else snapshot_seed(folder)
     rows = []
     for r in read_csv(folder / "test" / "mean_std_result.csv"):
         def num(key: str) -> float:
@@ -194,11 +276,127 @@ def result_rows(out: Path, method: Method) -> List[Dict[str, object]]:
                      "model": r["model"], "dice_mean": num("dice_mean"),
                      "dice_std": num("dice_std"), "hd95_mean": num("hd95_mean"),
                      "hd95_std": num("hd95_std"), "cases": r.get("cases", ""),
-                     "train_seconds": float(record["train_seconds"])})
+                     "train_seconds": float(record["train_seconds"]),
+                     "seeds": "" if run_seed is None else str(run_seed)})
     return rows
 
 
-def validation_curve(out: Path, method: Method) -> Dict[int, float]:
+CaseKey = Tuple[int, str, str]  # (client, case, target)
+
+
+def case_dice(folders: Sequence[Path]) -> Dict[CaseKey, float]:
+    """Per-case test Dice of the runs ``folders`` (``test/result.csv``), each case's Dice
+    averaged over the runs (the seeds) where it is defined; NaN where it is nowhere."""
+    values: Dict[CaseKey, List[float]] = {}
+    for folder in folders:
+        path = folder / "test" / "result.csv"
+        if not path.is_file():
+            log.warning("%s is missing: its run is left out of the paired test", path)
+            continue
+        for r in read_csv(path):
+            dice = float(r["dice"]) if r.get("dice") not in (None, "") else math.nan
+            values.setdefault((int(r["client"]), r["case"], r["target"]), []).append(dice)
+    out: Dict[CaseKey, float] = {}
+    for key, dices in values.items():
+        defined = [d for d in dices if not math.isnan(d)]
+        out[key] = sum(defined) / len(defined) if defined else math.nan
+    return out
+
+
+def paired_wilcoxon(reference: Mapping[CaseKey, float], other: Mapping[CaseKey, float],
+                    keys: Optional[Sequence[CaseKey]] = None) -> Tuple[float, int]:
+    """Two-sided Wilcoxon signed-rank p-value of ``other`` against ``reference`` over the
+    cases both define (``keys``: only those), and the number of pairs. p = 1 where every
+    difference is zero; NaN without pairs."""
+    import warnings
+
+    from scipy.stats import wilcoxon
+
+    keys = [k for k in (keys if keys is not None else sorted(reference)) if k in reference
+            and k in other and not math.isnan(reference[k]) and not math.isnan(other[k])]
+    if not keys:
+        return math.nan, 0
+    x = [other[k] for k in keys]
+    y = [reference[k] for k in keys]
+    if all(a == b for a, b in zip(x, y)):
+        return 1.0, len(keys)
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        try:
+            p = float(wilcoxon(x, y, alternative="two-sided").pvalue)
+        except ValueError:  # scipy versions that refuse all-zero differences after all
+            p = 1.0
+    return (1.0 if math.isnan(p) else p), len(keys)
+
+
+def add_wilcoxon(rows: Sequence[Dict[str, object]], cases: Mapping[str, Mapping[CaseKey, float]],
+                 reference: str) -> None:
+    """Fill ``wilcoxon_ref``, ``wilcoxon_p`` and ``wilcoxon_pairs`` of ``rows`` (per method: its
+    per-case Dice ``cases[method]``): a site row pairs that site's cases, ``mean of sites`` and
+    ``pooled`` every case of the target. The reference's own rows keep an empty p."""
+    for row in rows:
+        row["wilcoxon_ref"] = reference
+        method, site, target = str(row["method"]), str(row["site"]), str(row["target"])
+        if method == reference or method not in cases or reference not in cases:
+            row["wilcoxon_p"] = row["wilcoxon_pairs"] = ""
+            continue
+        if site.startswith("client"):
+            cid = int(site[len("client"):])
+            keys = [k for k in cases[reference] if k[0] == cid and k[2] == target]
+        else:
+            keys = [k for k in cases[reference] if k[2] == target]
+        p, n = paired_wilcoxon(cases[reference], cases[method], keys)
+        row["wilcoxon_p"] = "" if math.isnan(p) else p
+        row["wilcoxon_pairs"] = n
+
+
+def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
+    """Mean and sample (ddof=1) std of the defined ``values``; std NaN below two values."""
+    defined = [float(v) for v in values if not math.isnan(float(v))]
+    if not defined:
+        return math.nan, math.nan
+    mean = sum(defined) / len(defined)
+    if len(defined) < 2:
+        return mean, math.nan
+    return mean, math.sqrt(sum((v - mean) ** 2 for v in defined) / (len(defined) - 1))
+
+
+def _common(values: Sequence[object]) -> object:
+    """The value all ``values`` share, else ``''``."""
+    return values[0] if values and len({str(v) for v in values}) == 1 else ""
+
+
+def aggregate_seeds(per_seed: Mapping[int, Sequence[Mapping[str, object]]]
+                    ) -> List[Dict[str, object]]:
+    """One method's ``comparison.csv`` rows over several seeds: for each (site, target) of
+    its per-seed rows (``per_seed[seed]``, as :func:`result_rows` gives them), the mean and
+    the std over the seeds of the per-seed Dice and HD95 means; ``train_seconds``: the mean
+    per seed; ``seeds``: the seeds averaged."""
+    order: List[Tuple[str, str]] = []
+    groups: Dict[Tuple[str, str], List[Tuple[int, Mapping[str, object]]]] = {}
+    for seed, rows in per_seed.items():
+        for r in rows:
+            key = (str(r["site"]), str(r["target"]))
+            if key not in groups:
+                order.append(key)
+            groups.setdefault(key, []).append((seed, r))
+    out = []
+    for key in order:
+        members = [r for _, r in groups[key]]
+        first = members[0]
+        row: Dict[str, object] = {"method": first["method"], "site": key[0], "target": key[1],
+                                  "model": _common([m["model"] for m in members])}
+        for metric in ("dice", "hd95"):
+            row[f"{metric}_mean"], row[f"{metric}_std"] = _mean_std(
+                [float(m[f"{metric}_mean"]) for m in members])
+        row["cases"] = _common([m["cases"] for m in members])
+        row["train_seconds"] = sum(float(m["train_seconds"]) for m in members) / len(members)
+        row["seeds"] = " ".join(str(s) for s, _ in groups[key])
+        out.append(row)
+    return out
+
+
+def validation_curve(out: Path, method: Method, seed: Optional[int] = None) -> Dict[int, float]:
     """Mean over sites of the validation Dice per round of the model the method deploys.
 
     A global method's sites validate the global model they receive: the aggregate of round
@@ -209,7 +407,8 @@ def validation_curve(out: Path, method: Method) -> Dict[int, float]:
     """
     from strategies.registry import strategy_class
 
-    rows = read_csv(run_dir(out, method) / "metrics.csv")
+    folder = result_dir(out, method, seed) or run_dir(out, method, seed)
+    rows = read_csv(folder / "metrics.csv")
     is_global = strategy_class(method.strategy).deploys == "global" and \
         getattr(strategy_class(method.strategy), "federated", True)
     by_round: Dict[int, List[float]] = {}
@@ -226,13 +425,17 @@ def validation_curve(out: Path, method: Method) -> Dict[int, float]:
 
 # ---------------------------------------------------------------------- writing
 COLUMNS = ("method", "site", "target", "model", "dice_mean", "dice_std", "hd95_mean",
-           "hd95_std", "cases", "train_seconds")
+           "hd95_std", "cases", "train_seconds", "seeds", "wilcoxon_ref", "wilcoxon_p",
+           "wilcoxon_pairs")
+#: ``comparison_per_seed.csv``: the single-seed columns and the run's seed.
+PER_SEED_COLUMNS = ("seed",) + COLUMNS[:COLUMNS.index("seeds")]
 
 
-def write_csv(path: Path, rows: Sequence[Mapping[str, object]]) -> None:
+def write_csv(path: Path, rows: Sequence[Mapping[str, object]],
+              columns: Sequence[str] = COLUMNS) -> None:
     tmp = path.with_suffix(".tmp")
     with open(tmp, "w", newline="") as f:
-        writer = csv.DictWriter(f, fieldnames=list(COLUMNS))
+        writer = csv.DictWriter(f, fieldnames=list(columns), extrasaction="ignore")
         writer.writeheader()
         writer.writerows(rows)
     tmp.replace(path)
@@ -244,37 +447,81 @@ def _cell(mean: float, std: float, digits: int) -> str:
     return f"{mean:.{digits}f} ± {std:.{digits}f}" if not math.isnan(std) else f"{mean:.{digits}f}"
 
 
-def markdown(rows: Sequence[Mapping[str, object]]) -> str:
-    """One table per target: methods as rows; each site's Dice, the mean over sites (± std
-    over sites), the mean over sites of HD95, the pooled Dice and the training wall time."""
+def _num(row: Mapping[str, object], key: str) -> float:
+    value = row.get(key, "")
+    return math.nan if value in ("", None) else float(value)  # type: ignore[arg-type]
+
+
+def _p_cell(row: Mapping[str, object]) -> str:
+    p = _num(row, "wilcoxon_p")
+    if math.isnan(p):
+        return ""
+    return f"{p:.3g} (n={row.get('wilcoxon_pairs', '')})"
+
+
+def markdown(rows: Sequence[Mapping[str, object]], seeds: Optional[Sequence[int]] = None) -> str:
+    """One table per target: methods as rows; each site's Dice, the mean over sites, the mean
+    over sites of HD95, the pooled Dice, the training wall time and the p-value of the paired
+    test against the reference (pooled over the sites). One seed (``seeds`` None): ± std over
+    cases (mean of sites: over sites). Several: every cell is mean ± std over the seeds."""
     parts = []
+    multi = seeds is not None
+    reference = next((str(r["wilcoxon_ref"]) for r in rows if r.get("wilcoxon_ref")), "")
     targets = list(dict.fromkeys(str(r["target"]) for r in rows))
     for target in targets:
         mine = [r for r in rows if r["target"] == target]
         sites = sorted({str(r["site"]) for r in mine if str(r["site"]).startswith("client")},
                        key=lambda s: int(s[len("client"):]))
         head = (["method", "tested"] + [s.replace("client", "site ") for s in sites]
-                + ["mean of sites", "HD95 (mean of sites)", "pooled", "train time"])
-        lines = [f"**{target}**: test Dice (mean ± std over cases; mean of sites: ± std over "
-                 "sites)", "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
+                + ["mean of sites", "HD95 (mean of sites)", "pooled",
+                   "train time" + (" (per seed)" if multi else "")]
+                + (["seeds"] if multi else []) + ([f"p vs {reference}"] if reference else []))
+        if multi:
+            title = (f"**{target}**: test Dice, mean ± std over the seeds "
+                     f"({', '.join(map(str, seeds))}) of each seed's value (a site: the mean "
+                     "over its test cases)")
+        else:
+            title = (f"**{target}**: test Dice (mean ± std over cases; mean of sites: ± std over "
+                     "sites)")
+        lines = [title, "", "| " + " | ".join(head) + " |", "|" + "---|" * len(head)]
         for method in dict.fromkeys(str(r["method"]) for r in mine):
             by_site = {str(r["site"]): r for r in mine if r["method"] == method}
             mean = by_site.get("mean of sites", {})
             pooled = by_site.get("pooled", {})
             first = next(iter(by_site.values()))
             cells = [method, str(first["model"])]
-            cells += [_cell(float(by_site[s]["dice_mean"]), float(by_site[s]["dice_std"]), 3)
+            cells += [_cell(_num(by_site[s], "dice_mean"), _num(by_site[s], "dice_std"), 3)
                       if s in by_site else "n/a" for s in sites]
-            cells += [f"**{_cell(float(mean.get('dice_mean', math.nan)), float(mean.get('dice_std', math.nan)), 3)}**",
-                      _cell(float(mean.get("hd95_mean", math.nan)), float(mean.get("hd95_std", math.nan)), 1),
-                      _cell(float(pooled.get("dice_mean", math.nan)), math.nan, 3),
+            cells += [f"**{_cell(_num(mean, 'dice_mean'), _num(mean, 'dice_std'), 3)}**",
+                      _cell(_num(mean, "hd95_mean"), _num(mean, "hd95_std"), 1),
+                      _cell(_num(pooled, "dice_mean"),
+                            _num(pooled, "dice_std") if multi else math.nan, 3),
                       f"{float(first['train_seconds']) / 60:.1f} min"]
+            if multi:
+                cells.append(str(len(str(first.get("seeds", "")).split())))
+            if reference:
+                cells.append(_p_cell(pooled or mean))
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
+    if reference:
+        note = (f"p vs {reference}: two-sided Wilcoxon signed-rank test (scipy.stats.wilcoxon) "
+                f"of the row's per-case test Dice against {reference}'s, paired case by case over "
+                "every test case of the target (all sites); n: the number of pairs; p = 1 where "
+                "every difference is zero. comparison.csv also holds it per site.")
+        if multi:
+            note += (" Seeds are combined by averaging each test case's Dice over the seeds "
+                     "first: the test set is the same for every seed (a seed changes only the "
+                     "initialisation and the validation split).")
+        if reference != "FedICRA":
+            note += (f" FedICRA is not among the compared methods: the reference is {reference}, "
+                     "the first method.")
+        parts.append(note)
     return "\n\n".join(parts) + "\n"
 
 
-def plot(curves: Mapping[str, Mapping[int, float]], path: Path, title: str) -> None:
+def plot(curves: Mapping[str, Sequence[Mapping[int, float]]], path: Path, title: str) -> None:
+    """One line per method: its validation curve, or with several seeds (curves) the mean over
+    seeds per round and a shaded band from the lowest to the highest seed."""
     import matplotlib
 
     matplotlib.use("Agg")
@@ -282,13 +529,23 @@ def plot(curves: Mapping[str, Mapping[int, float]], path: Path, title: str) -> N
 
     fig, ax = plt.subplots(figsize=(8, 5))
     styles = ["-", "--", "-.", ":"]
-    for i, (label, curve) in enumerate(curves.items()):
-        if curve:
-            ax.plot(list(curve), list(curve.values()), styles[i // 10 % 4], marker="o",
-                    markersize=3, label=label)
+    banded = False
+    for i, (label, runs) in enumerate(curves.items()):
+        runs = [c for c in runs if c]
+        if not runs:
+            continue
+        rounds = sorted({k for c in runs for k in c})
+        values = [[c[k] for c in runs if k in c] for k in rounds]
+        means = [sum(v) / len(v) for v in values]
+        line, = ax.plot(rounds, means, styles[i // 10 % 4], marker="o", markersize=3,
+                        label=label if len(runs) == 1 else f"{label} ({len(runs)} seeds)")
+        if len(runs) > 1:
+            banded = True
+            ax.fill_between(rounds, [min(v) for v in values], [max(v) for v in values],
+                            color=line.get_color(), alpha=0.15, linewidth=0)
     ax.set_xlabel("round")
     ax.set_ylabel("validation Dice (mean of sites)")
-    ax.set_title(title)
+    ax.set_title(title + ("\nline: mean over seeds; band: min..max over seeds" if banded else ""))
     ax.grid(alpha=0.3)
     ax.legend(fontsize=8, ncol=2)
     fig.tight_layout()
@@ -298,16 +555,40 @@ def plot(curves: Mapping[str, Mapping[int, float]], path: Path, title: str) -> N
     tmp.replace(path)
 
 
-def write_reports(out: Path, methods: Sequence[Method], title: str) -> List[Path]:
-    done = [m for m in methods if is_done(out, m)]
-    rows = [row for m in done for row in result_rows(out, m)]
+def reference_method(labels: Sequence[str]) -> str:
+    """FedICRA when it is among ``labels``, else the first one ("" for none)."""
+    return "FedICRA" if "FedICRA" in labels else (labels[0] if labels else "")
+
+
+def write_reports(out: Path, methods: Sequence[Method], title: str,
+                  seeds: Optional[Sequence[int]] = None) -> List[Path]:
+    """``comparison.csv``, ``comparison.md`` and ``val_dice.png`` of the finished ``methods``
+    (one seed: ``seeds`` None; several: mean ± std over those of ``seeds`` each has finished,
+    and ``comparison_per_seed.csv``)."""
+    plan: List[Optional[int]] = list(seeds) if seeds is not None else [None]
+    folders = {m.label: [(s, result_dir(out, m, s)) for s in plan] for m in methods}
+    folders = {label: [(s, f) for s, f in runs if f is not None] for label, runs in folders.items()}
+    done = [m for m in methods if folders[m.label]]
+    if seeds is None:
+        rows = [row for m in done for row in result_rows(out, m)]
+    else:
+        per_seed = {m.label: {s: result_rows(out, m, s) for s, _ in folders[m.label]} for m in done}
+        write_csv(out / "comparison_per_seed.csv",
+                  [dict(r, seed=s) for m in done for s, runs in per_seed[m.label].items()
+                   for r in runs], PER_SEED_COLUMNS)
+        rows = [row for m in done for row in aggregate_seeds(per_seed[m.label])]
+    reference = reference_method([m.label for m in done])
+    cases = {m.label: case_dice([f for _, f in folders[m.label]]) for m in done}
+    add_wilcoxon(rows, cases, reference)
     write_csv(out / "comparison.csv", rows)
-    text = markdown(rows) if rows else "no method finished yet\n"
+    text = markdown(rows, seeds) if rows else "no method finished yet\n"
     tmp = out / "comparison.md.tmp"
     tmp.write_text(text)
     tmp.replace(out / "comparison.md")
-    plot({m.label: validation_curve(out, m) for m in done}, out / "val_dice.png", title)
-    return [out / "comparison.csv", out / "comparison.md", out / "val_dice.png"]
+    plot({m.label: [validation_curve(out, m, s) for s, _ in folders[m.label]] for m in done},
+         out / "val_dice.png", title)
+    written = [out / "comparison.csv", out / "comparison.md", out / "val_dice.png"]
+    return written + ([out / "comparison_per_seed.csv"] if seeds is not None else [])
 
 
 #: Rows that are not competitors of FedICRA: the ablation and the centralised references.
@@ -342,6 +623,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     for flag, kind in (("rounds", int), ("iters", int), ("img_size", int), ("num_clients", int),
                        ("root_path", str), ("seed", int), ("batch_size", int)):
         p.add_argument(f"--{flag}", type=kind, help=f"--{flag} of every run")
+    p.add_argument("--seeds", metavar="S1,S2,...",
+                   help="run every method once per seed (runs/<method>_seed<S>/) and report "
+                        "mean ± std over the seeds; not with --seed")
     p.add_argument("--mode", choices=("deployment", "simulation"),
                    help="how each federation runs (default: the runner's)")
     p.add_argument("--gpus", type=int, nargs="*", default=None,
@@ -351,7 +635,14 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="any other configuration key for every run")
     p.add_argument("--keep-going", action="store_true",
                    help="go on with the next method when one fails (default: stop)")
-    return p.parse_args(argv)
+    args = p.parse_args(argv)
+    if args.seeds is not None:
+        if args.seed is not None:
+            p.error("give --seed S or --seeds S1,S2,..., not both")
+        seeds = parse_seeds(args.seeds)
+        # one seed is the single-seed layout (runs/<method>/), as with --seed
+        args.seed, args.seeds = (seeds[0], None) if len(seeds) == 1 else (None, seeds)
+    return args
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -367,31 +658,38 @@ def main(argv: Optional[List[str]] = None) -> int:
     out = Path(args.out)
     out.mkdir(parents=True, exist_ok=True)
     methods = select_methods(args.methods)
+    plan: List[Optional[int]] = list(args.seeds) if args.seeds else [None]
     # the reports hold every method tested in DIR, also those of earlier calls
-    reported = [m for m in all_methods() if m in methods or is_done(out, m)]
-    log.info("comparing %s in %s", ", ".join(m.label for m in methods), out)
+    reported = [m for m in all_methods()
+                if m in methods or any(is_done(out, m, s) for s in plan)]
+    log.info("comparing %s in %s%s", ", ".join(m.label for m in methods), out,
+             f", seeds {', '.join(map(str, args.seeds))}" if args.seeds else "")
+    title = str(args.config or args.task)
+    jobs = [(m, s) for m in methods for s in plan]
     failed = []
-    for i, method in enumerate(methods, 1):
-        if is_done(out, method):
-            log.info("[%d/%d] %s: results already in %s, skipped", i, len(methods),
-                     method.label, run_dir(out, method))
+    for i, (method, seed) in enumerate(jobs, 1):
+        name = method.label + ("" if seed is None else f" seed {seed}")
+        if is_done(out, method, seed):
+            log.info("[%d/%d] %s: results already in %s, skipped", i, len(jobs), name,
+                     result_dir(out, method, seed))
             continue
-        log.info("[%d/%d] %s: training and testing ...", i, len(methods), method.label)
+        log.info("[%d/%d] %s: training and testing ...", i, len(jobs), name)
         try:
-            record = run_method(args, method)
+            record = run_method(args, method, seed)
         except RuntimeError as err:
             log.error("%s", err)
-            failed.append(method.label)
+            failed.append(name)
             if not args.keep_going:
                 break
             continue
-        log.info("[%d/%d] %s: done in %.1f min", i, len(methods), method.label,
+        log.info("[%d/%d] %s: done in %.1f min", i, len(jobs), name,
                  record["total_seconds"] / 60)
-        write_reports(out, reported, str(args.config or args.task))
-    files = write_reports(out, reported, str(args.config or args.task))
-    total = sum(json.loads((run_dir(out, m) / "compare.json").read_text())["total_seconds"]
-                for m in reported if is_done(out, m))
-    log.info("wrote %s (train + test wall time of the finished methods: %.1f min)",
+        write_reports(out, reported, title, args.seeds)
+    files = write_reports(out, reported, title, args.seeds)
+    total = sum(json.loads((folder / "compare.json").read_text())["total_seconds"]
+                for m in reported for s in plan
+                for folder in [result_dir(out, m, s)] if folder is not None)
+    log.info("wrote %s (train + test wall time of the finished runs: %.1f min)",
              ", ".join(str(f) for f in files), total / 60)
     if failed:
         log.error("failed: %s", ", ".join(failed))

@@ -3,7 +3,9 @@
 The end-to-end test trains two methods (a centralised reference and the FedAvg + full
 objective ablation, a Flower federation) on the tiny federation through the real runner and test script. The
 literal check of the issue, every method at once, takes several minutes of Flower start-ups
-and runs only with ``FEDICRA_HEAVY=1``.
+and runs only with ``FEDICRA_HEAVY=1``. Several seeds (``--seeds``): the mean ± std over seeds
+and the paired Wilcoxon test are checked on fabricated run folders (no training), and one
+end-to-end run trains two methods x two seeds at the smallest schedule.
 """
 from __future__ import annotations
 
@@ -133,3 +135,238 @@ def test_best_baseline_leaves_out_fedicra_the_ablation_and_the_references(tmp_pa
     assert cmp.best_baseline(tmp_path) == "FedBN"
     assert cmp.main(["--best-baseline", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == "FedBN"
+
+
+# ---------------------------------------------------------------------- several seeds
+def test_seeds_select_the_per_seed_layout_and_commands(tmp_path):
+    args = cmp.parse_args(["--out", str(tmp_path), "--task", "faz", "--seeds", "2022, 2023,2024"])
+    assert args.seeds == [2022, 2023, 2024] and args.seed is None
+    fedrep = cmp.select_methods("FedRep")[0]
+    train = cmp.train_command(args, fedrep, port=20000, seed=2023)
+    assert train[train.index("--seed") + 1] == "2023"
+    assert train[train.index("--exp") + 1] == "FedRep_seed2023"
+    assert train[train.index("--out_root") + 1] == str((tmp_path / "runs").resolve())
+    test = cmp.test_command(args, fedrep, seed=2023)
+    assert test[test.index("--exp") + 1] == "FedRep_seed2023"
+    assert cmp.run_dir(tmp_path, fedrep, 2023) == tmp_path / "runs" / "FedRep_seed2023"
+    # one seed keeps the single-seed layout: runs/<method>/, as --seed does
+    one = cmp.parse_args(["--out", str(tmp_path), "--task", "faz", "--seeds", "7"])
+    assert one.seeds is None and one.seed == 7
+    train = cmp.train_command(one, fedrep, port=20000)
+    assert train[train.index("--exp") + 1] == "FedRep" and train[train.index("--seed") + 1] == "7"
+    with pytest.raises(SystemExit):
+        cmp.parse_args(["--out", str(tmp_path), "--task", "faz", "--seed", "1", "--seeds", "1,2"])
+    with pytest.raises(SystemExit, match="--seeds"):
+        cmp.parse_args(["--out", str(tmp_path), "--task", "faz", "--seeds", "1,1"])
+
+
+def fake_run(folder: Path, dice, seed=None, train_seconds=60.0):
+    """A finished run folder as compare_strategies and test_client.py leave it: ``dice`` maps
+    (client, case) to the case's test Dice (target faz); HD95 is 10 x (1 - Dice)."""
+    import test_client
+
+    folder.mkdir(parents=True)
+    rows = []
+    for (client, case), d in sorted(dice.items()):
+        metrics = {m: d for m in test_client.METRIC_NAMES}
+        metrics["hd95"] = 10.0 * (1.0 - d)
+        rows.append({"run": str(folder), "client": client, "model": "personal",
+                     "checkpoint": "best.pt", "round": 2, "val_dice": 0.5, "case": case,
+                     "target": "faz", **metrics})
+    test_client.write_csv(folder / "test" / "result.csv", rows)
+    test_client.write_csv(folder / "test" / "mean_std_result.csv", test_client.summarise(rows))
+    (folder / "compare.json").write_text(json.dumps({"train_seconds": train_seconds,
+                                                     "total_seconds": train_seconds + 5}))
+    if seed is not None:
+        (folder / "config.toml").write_text(f"seed = {seed}\n")
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=["round", "client", "val_dice", "val_dice_global"])
+        writer.writeheader()
+        for r in (1, 2, 3):
+            for c in (0, 1):
+                level = sum(dice.values()) / len(dice) * r / 3  # differs by method and seed
+                writer.writerow({"round": r, "client": c, "val_dice": level,
+                                 "val_dice_global": level})
+
+
+CASES = [(c, f"case{i:03d}") for c in range(3) for i in range(4)]
+
+
+def fabricate(out: Path, seeds=(1, 2, 3), methods=("FedICRA", "FedRep"), same=False):
+    """Runs of ``methods`` x ``seeds`` in ``out`` with random per-case Dice (identical for
+    every method with ``same``); returns {method: {seed: {(client, case): dice}}}."""
+    import numpy as np
+
+    rng = np.random.default_rng(0)
+    values = {}
+    for k, label in enumerate(methods):
+        method = cmp.select_methods(label)[0]
+        values[label] = {}
+        for seed in seeds:
+            dice = dict(values[methods[0]][seed]) if same and k else \
+                {key: float(rng.uniform(0.2 + 0.3 * (label == "FedICRA"), 1.0)) for key in CASES}
+            values[label][seed] = dict(dice)
+            fake_run(cmp.run_dir(out, method, seed), dice, train_seconds=60.0 * seed)
+    return values
+
+
+def _rows(path: Path):
+    with open(path, newline="") as f:
+        return list(csv.DictReader(f))
+
+
+def test_several_seeds_report_mean_and_std_over_the_seeds(tmp_path):
+    import numpy as np
+
+    values = fabricate(tmp_path)
+    methods = cmp.select_methods("FedICRA,FedRep")
+    files = cmp.write_reports(tmp_path, methods, "fabricated", seeds=[1, 2, 3])
+    assert all(f.is_file() and f.stat().st_size > 0 for f in files)
+    rows = {(r["method"], r["site"]): r for r in _rows(tmp_path / "comparison.csv")}
+    assert {r["target"] for r in rows.values()} == {"faz"}
+    for label in ("FedICRA", "FedRep"):
+        per_seed = values[label]
+        site_means = {s: {c: np.mean([d for (cc, _), d in per_seed[s].items() if cc == c])
+                          for c in range(3)} for s in per_seed}
+        expected = {f"client{c}": [site_means[s][c] for s in per_seed] for c in range(3)}
+        expected["mean of sites"] = [np.mean(list(site_means[s].values())) for s in per_seed]
+        expected["pooled"] = [np.mean(list(per_seed[s].values())) for s in per_seed]
+        for site, seed_values in expected.items():
+            row = rows[(label, site)]
+            assert float(row["dice_mean"]) == pytest.approx(np.mean(seed_values)), (label, site)
+            assert float(row["dice_std"]) == pytest.approx(np.std(seed_values, ddof=1)), \
+                (label, site)
+            hd95 = [10 * (1 - v) for v in seed_values]
+            assert float(row["hd95_mean"]) == pytest.approx(np.mean(hd95))
+            assert float(row["hd95_std"]) == pytest.approx(np.std(hd95, ddof=1))
+            assert row["seeds"] == "1 2 3"
+            assert row["cases"] == ("4" if site.startswith("client") else "12")
+            assert float(row["train_seconds"]) == pytest.approx(120.0)  # mean per seed
+    # the per-seed values stay available
+    per_seed_rows = _rows(tmp_path / "comparison_per_seed.csv")
+    assert len(per_seed_rows) == 2 * 3 * 5  # methods x seeds x (3 sites, mean of sites, pooled)
+    mine = {(r["method"], r["seed"], r["site"]): r for r in per_seed_rows}
+    assert float(mine[("FedRep", "2", "client1")]["dice_mean"]) == pytest.approx(
+        np.mean([d for (c, _), d in values["FedRep"][2].items() if c == 1]))
+    table = (tmp_path / "comparison.md").read_text()
+    fedrep = rows[("FedRep", "mean of sites")]
+    cell = f"**{float(fedrep['dice_mean']):.3f} ± {float(fedrep['dice_std']):.3f}**"
+    assert cell in table and "mean ± std over the seeds (1, 2, 3)" in table
+    assert "| method | tested | site 0 | site 1 | site 2 | mean of sites |" in table
+
+
+def test_several_seeds_resume_runs_only_the_missing_method_and_seed(tmp_path, monkeypatch):
+    import shutil
+
+    values = fabricate(tmp_path)
+    fedrep = cmp.select_methods("FedRep")[0]
+    shutil.rmtree(cmp.run_dir(tmp_path, fedrep, 3) / "test")  # a half-finished run
+    trained = []
+
+    def fake_run_method(args, method, seed=None):
+        trained.append((method.label, seed))
+        shutil.rmtree(cmp.run_dir(tmp_path, method, seed))
+        fake_run(cmp.run_dir(tmp_path, method, seed), values[method.label][seed])
+        return {"total_seconds": 1.0}
+
+    monkeypatch.setattr(cmp, "run_method", fake_run_method)
+    argv = ["--task", "faz", "--methods", "FedICRA,FedRep", "--seeds", "1,2,3",
+            "--out", str(tmp_path)]
+    assert cmp.main(argv) == 0
+    assert trained == [("FedRep", 3)]
+    assert cmp.main(argv) == 0 and trained == [("FedRep", 3)]
+    rows = _rows(tmp_path / "comparison.csv")
+    assert {r["seeds"] for r in rows} == {"1 2 3"}
+    assert {r["method"] for r in rows} == {"FedICRA", "FedRep"}
+
+
+def test_paired_wilcoxon_against_fedicra_on_case_dice_averaged_over_seeds(tmp_path):
+    import numpy as np
+    from scipy.stats import wilcoxon
+
+    values = fabricate(tmp_path, seeds=(1, 2))
+    cmp.write_reports(tmp_path, cmp.select_methods("FedRep,FedICRA"), "fabricated", seeds=[1, 2])
+    rows = {(r["method"], r["site"]): r for r in _rows(tmp_path / "comparison.csv")}
+    avg = {m: {key: np.mean([values[m][s][key] for s in (1, 2)]) for key in CASES}
+           for m in ("FedICRA", "FedRep")}
+    for site, keys in (("pooled", CASES), ("mean of sites", CASES),
+                       ("client2", [k for k in CASES if k[0] == 2])):
+        by_hand = wilcoxon([avg["FedRep"][k] for k in keys], [avg["FedICRA"][k] for k in keys])
+        row = rows[("FedRep", site)]
+        assert float(row["wilcoxon_p"]) == pytest.approx(by_hand.pvalue), site
+        assert int(row["wilcoxon_pairs"]) == len(keys) and row["wilcoxon_ref"] == "FedICRA"
+    assert all(rows[("FedICRA", s)]["wilcoxon_p"] == "" for s in ("pooled", "client0"))
+    table = (tmp_path / "comparison.md").read_text()
+    assert "p vs FedICRA" in table and "averaging each test case's Dice over the seeds" in table
+    pooled_p = float(rows[("FedRep", "pooled")]["wilcoxon_p"])
+    assert f"| {pooled_p:.3g} (n=12) |" in table
+
+
+def test_wilcoxon_all_zero_differences_and_the_first_method_as_reference(tmp_path):
+    fabricate(tmp_path, seeds=(1, 2), methods=("FedRep", "FedBN"), same=True)
+    cmp.write_reports(tmp_path, cmp.select_methods("FedRep,FedBN"), "fabricated", seeds=[1, 2])
+    rows = {(r["method"], r["site"]): r for r in _rows(tmp_path / "comparison.csv")}
+    assert rows[("FedBN", "pooled")]["wilcoxon_p"] == "1.0"
+    assert rows[("FedBN", "pooled")]["wilcoxon_ref"] == "FedRep"
+    assert rows[("FedRep", "pooled")]["wilcoxon_p"] == ""
+    table = (tmp_path / "comparison.md").read_text()
+    assert "p vs FedRep" in table and "the reference is FedRep, the first method" in table
+    same = {(0, "a", "faz"): 0.5, (0, "b", "faz"): 0.7}
+    assert cmp.paired_wilcoxon(same, dict(same)) == (1.0, 2)
+    assert cmp.paired_wilcoxon(same, {}) == (pytest.approx(float("nan"), nan_ok=True), 0)
+
+
+def test_single_seed_comparison_keeps_its_layout_and_gains_the_p_column(tmp_path):
+    """One seed: runs/<method>/, std over cases; with several seeds a finished single-seed
+    folder of the same seed is reused instead of trained again."""
+    import numpy as np
+
+    rng = np.random.default_rng(1)
+    for label in ("FedICRA", "FedRep"):
+        fake_run(cmp.run_dir(tmp_path, cmp.select_methods(label)[0]),
+                 {key: float(rng.uniform(0, 1)) for key in CASES}, seed=2022)
+    cmp.write_reports(tmp_path, cmp.select_methods("FedICRA,FedRep"), "fabricated")
+    assert not (tmp_path / "comparison_per_seed.csv").exists()
+    rows = {(r["method"], r["site"]): r for r in _rows(tmp_path / "comparison.csv")}
+    assert rows[("FedRep", "pooled")]["seeds"] == "2022"
+    assert int(rows[("FedRep", "pooled")]["wilcoxon_pairs"]) == 12
+    assert 0.0 <= float(rows[("FedRep", "pooled")]["wilcoxon_p"]) <= 1.0
+    fedicra = cmp.select_methods("FedICRA")[0]
+    assert cmp.result_dir(tmp_path, fedicra, 2022) == cmp.run_dir(tmp_path, fedicra)
+    assert not cmp.is_done(tmp_path, fedicra, 2023)
+
+
+# TODO(lead): once FedICRA-ref is registered, make this "FedICRA,FedICRA-ref,FedRep".
+SEEDS_METHODS = "FedICRA,FedRep"
+
+
+@pytest.mark.slow
+def test_seeds_from_one_command_end_to_end(tiny_federation, tmp_path):
+    """``--seeds 1,2``: every method once per seed, mean ± std over the two seeds, a p-value."""
+    out = tmp_path / "seeds"
+    argv = ["--task", "synthetic_faz", "--root_path", str(tiny_federation), "--methods",
+            SEEDS_METHODS, "--seeds", "1,2", "--rounds", "1", "--iters", "1", "--img_size", "32",
+            "--num_clients", "3", "--set", "base_channels=4", "--set", "aux_channels=8",
+            "--set", "batch_size=2", "--out", str(out)]
+    assert cmp.main(argv) == 0
+    labels = [m.label for m in cmp.select_methods(SEEDS_METHODS)]
+    records = {(m.label, seed): (cmp.run_dir(out, m, seed) / "compare.json").read_text()
+               for m in cmp.select_methods(SEEDS_METHODS) for seed in (1, 2)}
+    for (_, seed), record in records.items():
+        assert f"--seed {seed}" in json.loads(record)["train_command"]
+    _check_outputs(out, labels)
+    per_seed = {(r["method"], r["site"], r["seed"]): float(r["dice_mean"])
+                for r in _rows(out / "comparison_per_seed.csv")}
+    for r in _rows(out / "comparison.csv"):
+        pair = [per_seed[(r["method"], r["site"], s)] for s in ("1", "2")]
+        assert r["seeds"] == "1 2"
+        assert float(r["dice_mean"]) == pytest.approx(sum(pair) / 2)
+        assert float(r["dice_std"]) == pytest.approx(abs(pair[0] - pair[1]) / 2 ** 0.5)
+        if r["method"] == "FedICRA":
+            assert r["wilcoxon_p"] == ""
+        elif r["site"] == "pooled":
+            assert 0.0 <= float(r["wilcoxon_p"]) <= 1.0 and r["wilcoxon_pairs"] == "6"
+    assert "p vs FedICRA" in (out / "comparison.md").read_text()
+    assert cmp.main(argv) == 0  # every method and seed is done: nothing is trained again
+    assert records == {(m.label, seed): (cmp.run_dir(out, m, seed) / "compare.json").read_text()
+                       for m in cmp.select_methods(SEEDS_METHODS) for seed in (1, 2)}
