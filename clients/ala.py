@@ -4,7 +4,8 @@ For every blended parameter the client keeps a weight tensor W in [0, 1] of the 
 forms ``theta = L + (G - L) * W`` from its previous local value L and the received global
 value G. W is learned on local data by projected gradient steps
 ``W <- clip(W - eta * dLoss/dtheta * (G - L), 0, 1)``, one step per batch. W starts at ``w_init``
-(1: pure global, as FedALA) and is kept across rounds. ``w_init = 0`` reproduces the reference
+(1: pure global, as FedALA) and is kept across rounds (``reset = True``: restarts at ``w_init``
+at every call, as the reference FedICRA code does by accident). ``w_init = 0`` reproduces the reference
 FedICRA code, which swaps the roles of G and L (``theta = G + (L - G) * W'`` with ``W' = 1`` at
 the start): with ``W = 1 - W'`` the two parametrisations follow the same update, so only the
 starting point differs.
@@ -33,7 +34,7 @@ class AdaptiveAggregator:
     """Holds the element-wise weights W of one client and performs the blend."""
 
     def __init__(self, eta: float = 1.0, threshold: float = 0.1, num_pre_loss: int = 10,
-                 max_epochs: int = 20, w_init: float = 1.0) -> None:
+                 max_epochs: int = 20, w_init: float = 1.0, reset: bool = False) -> None:
         if not 0.0 <= w_init <= 1.0:
             raise ValueError(f"ala w_init must lie in [0, 1], got {w_init}")
         if eta < 0:
@@ -47,6 +48,9 @@ class AdaptiveAggregator:
         self.num_pre_loss = num_pre_loss
         self.max_epochs = max_epochs
         self.w_init = w_init
+        #: W restarts at ``w_init`` at every call (the reference FedICRA code) instead of
+        #: carrying over; the start phase still happens once
+        self.reset = reset
         self.weights: Optional[Dict[str, Tensor]] = None
         self.start_phase = True
 
@@ -84,7 +88,7 @@ class AdaptiveAggregator:
         names = list(global_params)
         local = {n: params[n].detach().clone() for n in names}
         glob = {n: global_params[n].detach().to(local[n].device, local[n].dtype) for n in names}
-        if self.weights is None:
+        if self.weights is None or self.reset:
             self.weights = {n: torch.full_like(local[n], self.w_init) for n in names}
         if set(self.weights) != set(names):
             raise ValueError("the blended parameters changed between rounds: "

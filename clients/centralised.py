@@ -10,9 +10,13 @@ What the protocol shares with the federated runs
 ------------------------------------------------
 - data: every site's ``train`` split as the sites carve it (the same ``val_fraction`` and
   seed), so the validation and test cases never enter training;
-- network, objective and their keys; ``rounds * iters`` AdamW steps of ``batch_size`` cases
-  drawn from the pooled set (a seeded, shuffled stream over all sites' cases, with the sites'
-  augmentation), poly decay of the learning rate over those steps;
+- network, objective and their keys; ``rounds * iters`` AdamW steps, poly decay of the
+  learning rate over those steps; each step draws :attr:`CentralTrainer.step_cases` cases from
+  the pooled set (a seeded, shuffled stream over all sites' cases, with the sites'
+  augmentation): ``num_clients * batch_size`` with ``ct_batch = "federation"`` (the default:
+  as many cases as a federated step trains on, ``batch_size`` at each of the ``num_clients``
+  sites), ``batch_size`` with ``ct_batch = "site"`` (the reference's ``Unet_pCE.py``, whose
+  step is one site's batch);
 - validation every ``eval_every`` rounds of ``iters`` steps and after the last, on every
   site's validation split; the model with the best mean over sites of the validation Dice
   (every site weighs the same) is kept as ``global/best.pt`` in the server's format, which
@@ -152,7 +156,7 @@ class CentralTrainer:
         self.site_coded = bool(getattr(self.model, "personalised", False))
         self.objective = WeakObjective(objective_config(cfg))
         self.optimizer = self.new_optimizer()
-        self.batches = InfiniteBatches(self.pooled, cfg.batch_size,
+        self.batches = InfiniteBatches(self.pooled, self.step_cases,
                                        seed=cfg.seed * 1000 + CENTRAL_ID)
         self.step = 0
         self.total_steps = cfg.rounds * cfg.iters
@@ -177,6 +181,17 @@ class CentralTrainer:
         if self._writer is not None:
             self._writer.close()
             self._writer = None
+
+    @property
+    def step_cases(self) -> int:
+        """Pooled cases drawn per step: ``num_clients * batch_size`` (``ct_batch =
+        "federation"``, what the federation trains on in one step) or ``batch_size``
+        (``"site"``, the reference's budget)."""
+        if self.cfg.ct_batch == "federation":
+            return self.cfg.num_clients * self.cfg.batch_size
+        if self.cfg.ct_batch == "site":
+            return self.cfg.batch_size
+        raise ValueError(f"ct_batch = {self.cfg.ct_batch!r}: expected \"federation\" or \"site\"")
 
     def new_optimizer(self) -> torch.optim.Optimizer:
         return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.base_lr,
@@ -309,8 +324,10 @@ def run_centralised(cfg: RunConfig, device: Optional[str] = None) -> int:
     sizes = ", ".join(f"site {s}: {len(d)}" for s, d in zip(trainer.sites, trainer.train_sets))
     forms = ", ".join(sorted({d.label_form for d in trainer.train_sets}))
     log.info("%s: centralised training on %s, %d pooled training cases (%s), labels %s, "
-             "site codes %s", cfg.strategy, trainer.device, len(trainer.pooled), sizes, forms,
-             "per case (own site)" if trainer.site_coded else "unused by the network")
+             "site codes %s, %d cases a step (ct_batch = %s)", cfg.strategy, trainer.device,
+             len(trainer.pooled), sizes, forms,
+             "per case (own site)" if trainer.site_coded else "unused by the network",
+             trainer.step_cases, cfg.ct_batch)
     start = time.perf_counter()
     try:
         for server_round in range(1, cfg.rounds + 1):

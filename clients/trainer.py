@@ -184,9 +184,11 @@ class SiteTrainer:
         sd = self.model.state_dict()
         return {k: sd[k].detach().cpu().numpy().copy() for k in keys}
 
-    def load_arrays(self, arrays: Mapping[str, np.ndarray], keys: Iterable[str]) -> None:
-        """Copy ``arrays[k]`` into the model for every ``k`` in ``keys`` (shape-checked)."""
-        sd = self.model.state_dict()
+    def load_arrays(self, arrays: Mapping[str, np.ndarray], keys: Iterable[str],
+                    model: Optional[nn.Module] = None) -> None:
+        """Copy ``arrays[k]`` into the model (``model``, default the site's) for every ``k``
+        in ``keys`` (shape-checked)."""
+        sd = (self.model if model is None else model).state_dict()
         for k in keys:
             if k not in arrays:
                 raise KeyError(f"client {self.cid}: received arrays lack {k!r}")
@@ -299,25 +301,24 @@ class SiteTrainer:
         """
         start = time.perf_counter()
         server_round = int(config["server-round"])
-        # Seeded per (run, site, round) so a trainer restored from its checkpoint repeats the
-        # round exactly (dropout inside adaptive aggregation draws from this stream).
-        torch.manual_seed(self.cfg.seed * 1_000_003 + self.cid * 10_007 + 7 * server_round + 1)
+        self.seed_round(server_round)
         shared = self.keys(_groups(config, "share-include"), _groups(config, "share-exclude"))
         last_good = copy.deepcopy(self.state_dict())
         global_metrics = {}
         if config.get("validate-global") and is_global_eval_round(server_round, self.cfg.eval_every):
             global_metrics = self.validate_global(arrays, shared)
-        self.rule.receive(self, arrays, shared, server_round)
+        received = self.rule.receive(self, arrays, shared, server_round) or {}
         if self.cfg.reset_optimizer:
             self.optimizer = self.new_optimizer()
         metrics = self.rule.local_train(self, server_round)
         metrics.update(global_metrics)
+        metrics.update(received)
         problem = self.divergence(metrics)
         if problem:
             return {}, self.reject_round(server_round, last_good, problem, start)
         self.rounds_done = server_round
         is_last = server_round >= self.cfg.rounds
-        if server_round % self.cfg.eval_every == 0 or is_last:
+        if (server_round % self.cfg.eval_every == 0 or is_last) and self.rule.validates_trained_model:
             metrics.update(self.validate_and_checkpoint(server_round, is_last))
         self.save_latest()
         if self._writer is not None:
@@ -338,6 +339,12 @@ class SiteTrainer:
                              f"arrays reuse model keys {clash[:3]}")
         reply.update(extra)
         return reply, metrics
+
+    def seed_round(self, server_round: int) -> None:
+        """Seed torch's stream for the start of ``server_round``, so that a trainer restored
+        from its checkpoint repeats the round exactly (dropout inside adaptive aggregation
+        draws from this stream)."""
+        torch.manual_seed(self.cfg.seed * 1_000_003 + self.cid * 10_007 + 7 * server_round + 1)
 
     def divergence(self, metrics: Mapping[str, float]) -> str:
         """Why this round's result must not leave the site ('' when it is finite)."""
@@ -365,11 +372,19 @@ class SiteTrainer:
     def evaluate(self, arrays: Optional[Mapping[str, np.ndarray]] = None,
                  config: Optional[Mapping[str, object]] = None) -> Dict[str, float]:
         """Validation Dice of the current personalised model and, when the config asks for it
-        (``validate-global``), of the received global ``arrays``."""
+        (``validate-global``), of the received global ``arrays``. A rule that validates another
+        model (:meth:`clients.rules.base.LocalRule.final_validation`) scores that one."""
+        config = config or {}
+        if arrays:
+            shared = self.keys(_groups(config, "share-include"), _groups(config, "share-exclude"))
+            own = self.rule.final_validation(self, arrays, shared,
+                                             int(config.get("server-round", self.rounds_done)))
+            if own is not None:
+                return {"val_dice": own["val_dice"], "best_val_dice": own["best_val_dice"],
+                        "num-examples": float(len(self.val_set)), "cid": float(self.cid)}
         score, per_target = validate(self.model, self.val_set, self.cid, self.device, img_size=self.cfg.img_size)
         metrics = {"val_dice": score, "num-examples": float(len(self.val_set)), "cid": float(self.cid)}
         metrics.update({f"val_dice_{k}": v for k, v in per_target.items()})
-        config = config or {}
         if config.get("validate-global") and arrays:
             shared = self.keys(_groups(config, "share-include"), _groups(config, "share-exclude"))
             metrics.update(self.validate_global(arrays, shared))
@@ -389,7 +404,16 @@ class SiteTrainer:
             self.model = own
         return {"val_dice_global": score}
 
-    def validate_and_checkpoint(self, server_round: int, log_images: bool) -> Dict[str, float]:
+    def validate_and_checkpoint(self, server_round: int, log_images: bool,
+                                model: Optional[nn.Module] = None) -> Dict[str, float]:
+        """Validate ``model`` (default: the site's own) as the model of ``server_round``, log
+        it, and keep it as ``best.pt`` when it is the site's best so far."""
+        if model is not None and model is not self.model:
+            own, self.model = self.model, model
+            try:
+                return self.validate_and_checkpoint(server_round, log_images)
+            finally:
+                self.model = own
         score, per_target = validate(self.model, self.val_set, self.cid, self.device, img_size=self.cfg.img_size)
         self.writer.add_scalar("val/dice", score, server_round)
         for name, value in per_target.items():

@@ -14,9 +14,11 @@ import numpy as np
 
 #: Columns of metrics.csv; loss terms a method does not produce stay empty. ``missing`` is 1 on
 #: the row of a client that did not answer the round (its other columns empty), else 0.
+#: ``val_dice_global`` and ``val_dice_blend`` in the row of round r score the aggregate of round
+#: r - 1: the received global model, and the site's model blended with it (``ala_validate_blend``).
 CSV_COLUMNS = ("round", "client", "num_examples", "total", "pce", "tree", "crf", "sc", "calib", "extra",
-               "lr", "val_dice", "best_val_dice", "val_dice_global", "diverged", "seconds",
-               "missing")
+               "lr", "val_dice", "best_val_dice", "val_dice_global", "val_dice_blend", "diverged",
+               "seconds", "missing")
 
 
 def start_file(path: Path) -> None:
@@ -62,10 +64,11 @@ def summary_table(csv_path: Path) -> str:
     with open(csv_path, newline="") as f:
         for row in csv.DictReader(f):
             client, rnd = int(row["client"]), int(row["round"])
-            if row.get("val_dice"):
-                value = float(row["val_dice"])
-                if client not in best or value > best[client][0]:
-                    best[client] = (value, rnd)
+            for key, scored in (("val_dice", rnd), ("val_dice_blend", rnd - 1)):
+                if row.get(key):
+                    value = float(row[key])
+                    if client not in best or value > best[client][0]:
+                        best[client] = (value, scored)
             if row.get("val_dice_global"):
                 global_means.setdefault(rnd - 1, []).append(float(row["val_dice_global"]))
     lines = ["client | best validation Dice | round"]

@@ -6,6 +6,7 @@ the deployment workers read that snapshot, so a run is reproducible from the fil
 from __future__ import annotations
 
 import dataclasses
+import math
 import os
 import sys
 import tempfile
@@ -22,6 +23,10 @@ else:  # pragma: no cover
 def config_dir() -> Path:
     """Folder holding the shipped TOML files (``faz.toml``, ``synthetic_faz.toml``, ...)."""
     return Path(__file__).resolve().parent
+
+
+#: Keys that were renamed, with what replaces them (named in the error a stale file gets).
+RENAMED_KEYS = {"ala_warmup_rounds": ("ala_warmup_iters", "rounds x iters, e.g. 5 rounds at iters = 10 -> 50")}
 
 
 @dataclass
@@ -75,12 +80,16 @@ class RunConfig:
     ala_threshold: float = 0.1
     ala_num_pre_loss: int = 10
     ala_rand_percent: float = 0.8
-    ala_warmup_rounds: int = 1
+    ala_warmup_iters: int = 0  # local iterations (round x iters) during which the site takes the whole global model (FedICRA and the reference: 50)
     ala_max_epochs: int = 20  # 0: no cap (FedALA and the reference loop until the rule stops)
     ala_w_init: float = 1.0  # initial W: 1 starts from the global model (FedALA), 0 from the local one (the reference)
     ala_groups: str = "decoder,out_conv,aux"  # blended groups when ala_layer_idx = 0 (reference: decoder,out_conv)
     ala_global_buffers: bool = False  # blended layers' BatchNorm statistics from the global model (reference: true)
     ala_layer_idx: int = 0  # 0: blend the decoder side (FedICRA); N > 0: the top N parameter tensors (FedALA)
+    # the reference FedICRA code's round (FedICRA-ref; docs/federated.md, "FedICRA-ref")
+    ala_reset_weights: bool = False  # W restarts at ala_w_init at every blend (the reference); False: W kept across rounds
+    ala_reset_every_iters: int = 0  # after a round that reaches a multiple of this many local iterations, the next starts from the whole global model (reference: 20); 0: never
+    ala_validate_blend: bool = False  # validation and best.pt score the site model blended with the round's aggregate, before training (the reference); False: the trained model
     # FedProx
     prox_mu: float = 0.01
     # FT: FedAvg, then each site fine-tunes the final global model (strategies/ft.py)
@@ -93,6 +102,10 @@ class RunConfig:
     # FedAP: FedAvg pre-training, then BN local and per-client weights from BN statistics (strategies/fedap.py)
     fedap_pretrain_rounds: int = 0  # FedAvg rounds before the BN statistics (0: a tenth of rounds, at least 1, at most rounds - 2)
     fedap_lambda: float = 0.5  # weight of the own model in each client's aggregate (the original's model_momentum)
+    # FedLC: personal head + calibration, site-contrastive PCS (strategies/fedlc.py; docs/federated.md, "FedLC")
+    fedlc_head_fraction: float = 0.2  # share of a round's iters that train the head first, the rest the body (the original: head_iter 10 of its 50 batches a round)
+    # CT-weak / CT-full: centralised training on the pooled sites (strategies/centralised.py)
+    ct_batch: str = "federation"  # cases a step: "federation" = num_clients x batch_size (what the sites train on together), "site" = batch_size (the reference's Unet_pCE.py)
     # validation, logging
     eval_every: int = 1
     tb_images_every: int = 0  # TensorBoard predictions: 0 at every validation round; N: validation rounds divisible by N (and the last)
@@ -120,6 +133,18 @@ class RunConfig:
         if self.fedap_pretrain_rounds:
             return self.fedap_pretrain_rounds
         return max(0, min(max(1, self.rounds // 10), self.rounds - 2))
+
+    @property
+    def fedlc_head_steps(self) -> int:
+        """FedLC: the first steps of a round, which train the head (the rest train the body):
+        ``fedlc_head_fraction * iters`` rounded half up, but at least 1 and at most
+        ``iters - 1`` when ``0 < fedlc_head_fraction < 1`` and ``iters >= 2`` (both parts
+        train). The default 0.2 is the original's ``head_iter = 10`` of its 50 steps a round."""
+        fraction, iters = self.fedlc_head_fraction, self.iters
+        steps = int(math.floor(fraction * iters + 0.5))
+        if 0.0 < fraction < 1.0 and iters >= 2:
+            steps = min(iters - 1, max(1, steps))
+        return max(0, min(iters, steps))
 
     @property
     def min_fit(self) -> int:
@@ -161,6 +186,8 @@ class RunConfig:
             (self.ala_layer_idx >= 0, "ala_layer_idx must be >= 0"),
             (0.0 <= self.ala_w_init <= 1.0, "ala_w_init must lie in [0, 1]"),
             (self.ala_max_epochs >= 0, "ala_max_epochs must be >= 0"),
+            (self.ala_warmup_iters >= 0, "ala_warmup_iters must be >= 0 (0: only the first round)"),
+            (self.ala_reset_every_iters >= 0, "ala_reset_every_iters must be >= 0 (0: never)"),
             (self.ft_iters >= 0, "ft_iters must be >= 0"),
             (self.ft_lr >= 0.0, "ft_lr must be >= 0 (0: base_lr)"),
             (self.metafed_lambda >= 0.0, "metafed_lambda must be >= 0"),
@@ -170,6 +197,13 @@ class RunConfig:
              "metafed_teacher_threshold must lie in [0, 1] (a validation Dice)"),
             (self.fedap_pretrain_rounds >= 0, "fedap_pretrain_rounds must be >= 0 (0: a tenth of rounds)"),
             (0.0 <= self.fedap_lambda <= 1.0, "fedap_lambda must lie in [0, 1]"),
+            (0.0 <= self.fedlc_head_fraction <= 1.0,
+             f"fedlc_head_fraction = {self.fedlc_head_fraction} must lie in [0, 1] (the share of "
+             "a FedLC round's iters that train the head before the body; the original: 0.2)"),
+            (self.ct_batch in ("federation", "site"),
+             f"ct_batch = {self.ct_batch!r} must be \"federation\" (num_clients x batch_size "
+             "pooled cases a CT step: the samples a federated step trains on at all sites) or "
+             "\"site\" (batch_size cases a step, one site's share, as the reference's Unet_pCE.py)"),
             (self.cpus_per_client >= 0, "cpus_per_client must be >= 0 (0: share the cores)"),
             (self.prefetch >= 0, f"prefetch = {self.prefetch} must be >= 0 (0: no background threads)"),
         ]
@@ -189,6 +223,10 @@ class RunConfig:
     def from_mapping(cls, values: Mapping[str, Any], source: str = "mapping") -> "RunConfig":
         known = {f.name: f for f in fields(cls)}
         unknown = sorted(set(values) - set(known))
+        renamed = [f"{old} (now {new}: {how})" for old, (new, how) in RENAMED_KEYS.items()
+                   if old in unknown]
+        if renamed:
+            raise ValueError(f"{source}: renamed configuration key(s) {'; '.join(renamed)}")
         if unknown:
             raise ValueError(
                 f"{source}: unknown configuration key(s) {', '.join(unknown)}; "

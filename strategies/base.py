@@ -458,9 +458,11 @@ class PersonalizedStrategy(Strategy):
         self.clock.scale = 1.0
         msg_config = self.message_config(config, server_round)
         self._sent = len(nodes)
-        # A global method's final aggregate is validated by every site; others send nothing.
+        # A global method's final aggregate is validated by every site, and so is a site's
+        # model blended with it (``ala_validate_blend``); other methods send nothing.
         self._global_sent = arrays if self.deploys == "global" else None
-        payload = arrays if self.deploys == "global" else ArrayRecord()
+        sends = self.deploys == "global" or bool(getattr(self.cfg, "ala_validate_blend", False))
+        payload = arrays if sends else ArrayRecord()
         return [Message(RecordDict({"arrays": payload, "config": msg_config}),
                         dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]
 

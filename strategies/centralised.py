@@ -15,12 +15,14 @@ centralised trainer instead of starting Flower. The model is deployed as ``globa
 and tested on every site (``deploys = "global"``).
 
 Same protocol as the federated methods: the same network and objective keys, ``rounds *
-iters`` optimiser steps of ``batch_size`` cases (drawn from the pooled set), the poly
-learning-rate decay over those steps, validation every ``eval_every`` rounds (of ``iters``
-steps) on every site's validation split, and selection by the mean over sites of the
-validation Dice. One AdamW serves the whole run (``reset_optimizer = false``, as in
-centralised training; the federated methods follow the reference in starting a fresh one each
-round).
+iters`` optimiser steps of ``num_clients * batch_size`` cases drawn from the pooled set (a
+federated step trains on ``batch_size`` cases at each of the ``num_clients`` sites, so CT sees
+as many samples a round as the federation; ``ct_batch = "site"``: ``batch_size`` cases a step,
+the reference's ``Unet_pCE.py`` budget), the poly learning-rate decay over those steps,
+validation every ``eval_every`` rounds (of ``iters`` steps) on every site's validation split,
+and selection by the mean over sites of the validation Dice. One AdamW serves the whole run
+(``reset_optimizer = false``, as in centralised training; the federated methods follow the
+reference in starting a fresh one each round).
 """
 from __future__ import annotations
 
@@ -36,7 +38,8 @@ class Centralised(PersonalizedStrategy):
     deploys = "global"
     #: False: ``flower_runner.py`` trains with :func:`clients.centralised.run_centralised`.
     federated = False
-    defaults = {"model": "unet", "procedure": "pce", "reset_optimizer": False}
+    defaults = {"model": "unet", "procedure": "pce", "reset_optimizer": False,
+                "ct_batch": "federation"}
 
     @classmethod
     def refuses(cls, cfg) -> Optional[Tuple[str, str]]:
@@ -53,7 +56,8 @@ class Centralised(PersonalizedStrategy):
 class CentralisedWeak(Centralised):
     """Pooled training sets, each site's own weak label form, pCE."""
 
-    defaults = {"model": "unet", "procedure": "pce", "reset_optimizer": False}
+    defaults = {"model": "unet", "procedure": "pce", "reset_optimizer": False,
+                "ct_batch": "federation"}
 
     @classmethod
     def refuses(cls, cfg) -> Optional[Tuple[str, str]]:
@@ -68,7 +72,7 @@ class CentralisedFull(Centralised):
     """Pooled training sets with full masks, cross-entropy."""
 
     defaults = {"model": "unet", "procedure": "ce_full", "label_form": "mask",
-                "reset_optimizer": False}
+                "reset_optimizer": False, "ct_batch": "federation"}
 
     @classmethod
     def refuses(cls, cfg) -> Optional[Tuple[str, str]]:

@@ -48,8 +48,11 @@ class FedLC(PersonalizedStrategy):
     validation, in ``best.pt`` selection and in ``test_client.py``, is the calibrated one.
 
     Defaults: ``unet_lc_calib`` with ``pce_sc`` (pCE plus the site-contrastive term, weight
-    ``alpha = 1``, ``sc_grad = True``), ``rep_iters = 3`` (of the ``iters`` steps, the first
-    ``iters - rep_iters`` train the head, the rest the shared network).
+    ``alpha = 1``, ``sc_grad = True``), ``fedlc_head_fraction = 0.2`` (of the ``iters`` steps
+    of a round the first fifth, 2 of 10, train the head, the rest the shared network: the
+    original's ``head_iter = 10`` of the 50 steps of its round; ``rep_iters`` is not read).
+    The original's ``--alpha`` defaults to 0, which switches the contrastive site embedding of
+    the paper off; it stays on here (docs/federated.md, "FedLC").
 
     Notes
     -----
@@ -58,7 +61,10 @@ class FedLC(PersonalizedStrategy):
     same rounds as the network (its inputs are detached, so this equals the original's second
     training stage run alongside); its Dice is taken over labelled pixels (sparse labels);
     softmax over classes instead of per-class sigmoids; the smoothed attention maps are clipped
-    to [0, 1].
+    to [0, 1]. Defect fixed: the original divides its running contrastive sum by
+    ``len(hmap)`` (= 5) inside the loop over sites, which weights the other sites by
+    1/5, 1/25, ... in the order of their indices; here they weigh the same
+    (``losses/site_contrastive.py``).
     """
 
     share_exclude = ("out_conv",)
@@ -66,7 +72,7 @@ class FedLC(PersonalizedStrategy):
     #: Read by the pre-flight checks: this method runs the ``*_calib`` networks.
     calibrates = True
     defaults = {"model": "unet_lc_calib", "procedure": "pce_sc", "alpha": 1.0, "sc_grad": True,
-                "rep_iters": 3}
+                "fedlc_head_fraction": 0.2}
 
     def __init__(self, cfg, reporter=None, node_timeout: float = 600.0) -> None:
         super().__init__(cfg, reporter, node_timeout)
@@ -89,8 +95,11 @@ class FedLC(PersonalizedStrategy):
 
     def summary(self) -> None:
         super().summary()
+        first = self.cfg.fedlc_head_steps
         log.info("strategy FedLC: personal heads and calibration modules; every site's head is "
-                 "sent to every site each round for calibration")
+                 "sent to every site each round for calibration; each round %d head step(s), "
+                 "then %d body step(s) (fedlc_head_fraction = %g)", first, self.cfg.iters - first,
+                 self.cfg.fedlc_head_fraction)
 
     # ------------------------------------------------------------------ heads
     def initial_arrays(self, model: nn.Module) -> Dict[str, np.ndarray]:

@@ -40,7 +40,7 @@ def distinct_heads(model: CalibratedUNet, scale: float = 0.5):
 def fedlc_config(root, out, **overrides):
     from strategies.fedlc import FedLC
 
-    values = {**FedLC.defaults, "strategy": "FedLC", "rep_iters": 1}
+    values = {**FedLC.defaults, "strategy": "FedLC"}
     values.update(overrides)
     return tiny_run_config(root, out, **values)
 
@@ -159,6 +159,7 @@ def test_site_contrastive_term_has_gradient_in_fedlc(tiny_federation, tmp_path):
         ["--strategy", "fedlc", "--img_class", "faz"]))
     assert (cfg.strategy, cfg.model, cfg.procedure, cfg.sc_grad, cfg.alpha) == \
         ("FedLC", "unet_lc_calib", "pce_sc", True, 1.0)
+    assert (cfg.fedlc_head_fraction, cfg.iters, cfg.fedlc_head_steps) == (0.2, 10, 2)
     trainer = SiteTrainer(fedlc_config(tiny_federation, tmp_path), cid=1)
     assert trainer.objective.config.sc_grad is True
     batch = trainer.next_batch()
@@ -169,6 +170,121 @@ def test_site_contrastive_term_has_gradient_in_fedlc(tiny_federation, tmp_path):
     pcs = [p for n, p in trainer.model.named_parameters() if n.startswith("pcs.")]
     grads = torch.autograd.grad(sc, pcs, allow_unused=True)
     assert any(g is not None and g.abs().sum() > 0 for g in grads)
+
+
+# ---------------------------------------------------------------------- the original's round
+@pytest.mark.parametrize("iters, fraction, head", [
+    (10, 0.2, 2),  # the original: head_iter = 10 of its 50 steps a round
+    (50, 0.2, 10), (10, 0.7, 7), (10, 0.25, 3), (20, 0.2, 4),
+    (2, 0.2, 1), (3, 0.9, 2),  # both parts train while 0 < fraction < 1
+    (10, 0.0, 0), (10, 1.0, 10), (1, 0.2, 0), (1, 0.5, 1),
+])
+def test_head_steps_are_the_head_fraction_of_the_round(iters, fraction, head):
+    from configs import RunConfig
+
+    cfg = RunConfig(strategy="FedLC", iters=iters, fedlc_head_fraction=fraction).validate()
+    assert cfg.fedlc_head_steps == head
+
+
+def test_head_fraction_outside_zero_one_is_refused_naming_the_key():
+    from configs import RunConfig
+
+    for bad in (-0.1, 1.5):
+        with pytest.raises(ValueError, match=r"fedlc_head_fraction = .* must lie in \[0, 1\]"):
+            RunConfig(strategy="FedLC", fedlc_head_fraction=bad).validate()
+
+
+@pytest.mark.parametrize("fraction, parts", [(0.4, (2, 3)), (0.8, (4, 1))])
+def test_a_round_trains_the_head_first_then_the_body(tiny_federation, tmp_path, fraction, parts):
+    """The first fedlc_head_fraction of the iters move the head (and the calibration) only, the
+    rest everything but the head; rep_iters is not read."""
+    from clients.trainer import SiteTrainer
+    from strategies.fedlc import FedLC
+
+    cfg = fedlc_config(tiny_federation, tmp_path, iters=5, rounds=1, rep_iters=5,
+                       fedlc_head_fraction=fraction)
+    trainer = SiteTrainer(cfg, cid=0)
+    strategy = FedLC(cfg)
+    arrays = strategy.initial_arrays(build("unet_lc_calib", 1, 2, base_channels=4,
+                                           aux_channels=8, num_sites=3))
+    arrays.update(strategy.head_arrays())
+    head = set(select_keys(trainer.model, ["out_conv"]))
+    calib = set(select_keys(trainer.model, ["calib"]))
+    params = {n for n, _ in trainer.model.named_parameters()}
+    encoder = set(select_keys(trainer.model, ["encoder"])) & params
+    changes, run = [], trainer.run_iterations
+
+    def spy(n, trainable, *args, **kwargs):
+        before = {k: v.detach().clone() for k, v in trainer.model.named_parameters()}
+        metrics = run(n, trainable, *args, **kwargs)
+        moved = {k for k, v in trainer.model.named_parameters() if not torch.equal(v, before[k])}
+        changes.append((n, moved))
+        return metrics
+
+    trainer.run_iterations = spy
+    config = {"server-round": 1, "share-include": ",".join(strategy.share_include),
+              "share-exclude": ",".join(strategy.share_exclude)}
+    trainer.train(arrays, config)
+    assert [n for n, _ in changes] == list(parts)
+    (_, head_part), (_, body_part) = changes
+    assert head_part <= head | calib and head & head_part and calib & head_part
+    assert not head & body_part, "the body steps move the head"
+    assert encoder & body_part and not encoder & head_part
+    assert trainer.step == 5
+
+
+def test_alpha_scales_the_contrastive_term_of_the_fedlc_objective(tiny_federation, tmp_path):
+    """FedLC trains with alpha * sc (alpha = 1); alpha = 0 (the original's default) drops it."""
+    from clients.rules.fedlc import CalibratedObjective
+    from clients.trainer import SiteTrainer
+
+    totals = {}
+    for alpha in (0.0, 0.25, 1.0):
+        trainer = SiteTrainer(fedlc_config(tiny_federation, tmp_path, alpha=alpha), cid=1)
+        trainer.rule._network(trainer)
+        assert isinstance(trainer.objective, CalibratedObjective)
+        assert trainer.objective.config.alpha == alpha
+        batch = trainer.next_batch()
+        torch.manual_seed(0)
+        out = trainer.model(batch["image"])
+        result = trainer.objective(trainer.model, out, batch["image"], batch["label"], 1, 3)
+        totals[alpha] = result
+    assert "sc" not in totals[0.0].terms
+    assert float(totals[0.0].total.detach()) == pytest.approx(totals[0.0].terms["pce"], rel=1e-6)
+    for alpha in (0.25, 1.0):
+        terms = totals[alpha].terms
+        assert terms["sc"] < 0 and totals[alpha].weights["sc"] == alpha
+        assert float(totals[alpha].total.detach()) == pytest.approx(
+            terms["pce"] + alpha * terms["sc"], rel=1e-5)
+
+
+def test_every_other_site_weighs_the_same_in_the_contrastive_term():
+    """The original divides its running sum by len(hmap) = 5 inside the site loop (weights
+    1/5, 1/25, ... by site order, a defect); here the term is minus the plain mean."""
+    from losses.site_contrastive import site_contrastive_loss
+
+    model = tiny_net(sites=5, site=2).train()
+    g = torch.Generator().manual_seed(4)
+    with torch.no_grad():  # site codes that matter (at initialisation the gates agree)
+        for p in model.pcs.parameters():
+            p.add_(torch.randn(p.shape, generator=g))
+    out = model(torch.rand(2, 1, 32, 32))
+    with torch.no_grad():
+        distances = [float(F.mse_loss(out.gates, model.site_gates(out.features, j)))
+                     for j in range(5) if j != 2]
+    assert len(set(round(d, 9) for d in distances)) > 1, "distinct distances"
+    value = float(site_contrastive_loss(model, out, 2, 5).detach())
+    assert value == pytest.approx(-float(np.mean(distances)), rel=1e-5)
+
+    def reference(ds):  # train_multi_lcfed.py: c_loss += mse; c_loss = c_loss / len(hmap)
+        c_loss = 0.0
+        for d in ds:
+            c_loss = (c_loss + d) / 5
+        return -c_loss / len(ds)  # / (K - 1)
+
+    assert reference([1.0] * 4) == pytest.approx(-0.0624)  # equal distances: 0.0624 x ours
+    assert reference(distances) != pytest.approx(reference(distances[::-1]), rel=1e-3), \
+        "the reference's weights depend on the order of the sites"
 
 
 # ---------------------------------------------------------------------- the federation

@@ -46,6 +46,7 @@ def test_each_method_resolves_to_its_own_setup_from_its_name():
         ("CT-weak", "unet", "pce", "", False)
     full = resolve("--strategy", "CT-full", "--img_class", "faz")
     assert (full.procedure, full.label_form, full.ft_iters) == ("ce_full", "mask", 0)
+    assert weak.ct_batch == full.ct_batch == "federation"
     assert strategy_class("FT").deploys == "personal"
     for name in ("CT-weak", "CT-full"):
         cls = strategy_class(name)
@@ -243,7 +244,7 @@ def test_the_trainer_consumes_full_masks_in_ct_full_and_weak_labels_in_ct_weak(
     from dataloaders.tasks import get_task
 
     task = get_task("synthetic_faz")
-    trainer = _central(tiny_federation, tmp_path, strategy)
+    trainer = _central(tiny_federation, tmp_path, strategy, batch_size=2)  # 6 cases a step
     for data in trainer.train_sets:
         data.augment = False  # compare what is consumed with what is stored
     consumed, seen = [], []
@@ -285,6 +286,54 @@ def test_the_trainer_consumes_full_masks_in_ct_full_and_weak_labels_in_ct_weak(
     assert len(sites) > 1, "the batches mix sites"
 
 
+@pytest.mark.parametrize("strategy", ["CT-weak", "CT-full"])
+def test_a_ct_step_trains_on_as_many_cases_as_a_federated_step_at_all_sites(
+        tiny_federation, tmp_path, strategy):
+    """num_clients (3) x batch_size (4) = 12 pooled cases reach the objective in every step,
+    for the same rounds * iters steps; a step of batch_size cases would fail."""
+    trainer = _central(tiny_federation, tmp_path, strategy)
+    assert trainer.cfg.ct_batch == "federation" and trainer.step_cases == 12
+    assert len(trainer.pooled) < 12 * 3, "the stream runs across epochs of the pool"
+    consumed, seen = [], []
+    next_batch, objective = trainer.next_batch, trainer.objective
+
+    def spy_batch():
+        consumed.append(next_batch())
+        return consumed[-1]
+
+    def spy_objective(model, out, image, label, site, num_sites):
+        seen.append((image.shape[0], label.shape[0], out.logits.shape[0]))
+        return objective(model, out, image, label, site, num_sites)
+
+    trainer.next_batch, trainer.objective = spy_batch, spy_objective
+    trainer.train_round(1)
+    assert trainer.step == 3 == len(consumed) == len(seen)
+    assert [len(b["case"]) for b in consumed] == [12] * 3
+    assert seen == [(12, 12, 12)] * 3
+
+
+def test_ct_batch_site_restores_the_reference_budget_and_stream(tiny_federation, tmp_path):
+    """ct_batch = "site": batch_size cases a step, the very stream CT drew before."""
+    from clients.centralised import CENTRAL_ID
+    from dataloaders.dataset import InfiniteBatches
+
+    trainer = _central(tiny_federation, tmp_path, "CT-weak", ct_batch="site")
+    assert trainer.step_cases == 4
+    earlier = InfiniteBatches(trainer.pooled, 4, seed=trainer.cfg.seed * 1000 + CENTRAL_ID)
+    for _ in range(3):
+        expected = [trainer.pooled.cases[i] for i in earlier.draw()[0]]
+        batch = trainer.next_batch()
+        assert list(zip(batch["site"], batch["case"])) == expected
+        assert batch["image"].shape[0] == batch["label"].shape[0] == 4
+
+
+def test_ct_batch_must_name_a_budget():
+    from configs import RunConfig
+
+    with pytest.raises(ValueError, match=r'ct_batch = .pooled. must be "federation" .* or "site"'):
+        RunConfig(strategy="CT-weak", ct_batch="pooled").validate()
+
+
 @pytest.mark.parametrize("model, procedure, strategy", [
     ("unet_lc", "pce_sc", "CT-weak"),
     ("unet_lc_multihead", "pce_gatedcrf_mstree", "CT-weak"),
@@ -293,7 +342,7 @@ def test_the_trainer_consumes_full_masks_in_ct_full_and_weak_labels_in_ct_weak(
 def test_site_coded_networks_see_each_case_under_its_own_site(tiny_federation, tmp_path, model,
                                                                procedure, strategy):
     trainer = _central(tiny_federation, tmp_path, strategy, model=model, procedure=procedure,
-                       iters=2)
+                       iters=2, batch_size=2)  # 6 pooled cases a step
     assert trainer.site_coded
     calls, batches = [], []
     forward, next_batch = trainer.model.forward, trainer.next_batch

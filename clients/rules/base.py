@@ -1,7 +1,7 @@
 """The local rule interface: what a site does with one round."""
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Dict, List, Mapping
+from typing import TYPE_CHECKING, Dict, List, Mapping, Optional
 
 import numpy as np
 import torch
@@ -23,13 +23,24 @@ class LocalRule:
     """
 
     name = "base"
+    #: Whether the trainer validates (and checkpoints) the model it has just trained; a rule
+    #: that validates another model does it in :meth:`receive` and :meth:`final_validation`.
+    validates_trained_model = True
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
 
     def receive(self, trainer: "SiteTrainer", arrays: Mapping[str, np.ndarray],
-                shared: List[str], server_round: int) -> None:
+                shared: List[str], server_round: int) -> Optional[Dict[str, float]]:
+        """Bring the received arrays into the local model; may return metrics of the round."""
         trainer.load_arrays(arrays, shared)
+        return None
+
+    def final_validation(self, trainer: "SiteTrainer", arrays: Mapping[str, np.ndarray],
+                         shared: List[str], server_round: int) -> Optional[Dict[str, float]]:
+        """The validation the final evaluate message asks for when this rule scores something
+        other than the current model (``None``: the trainer validates its current model)."""
+        return None
 
     def local_train(self, trainer: "SiteTrainer", server_round: int) -> Dict[str, float]:
         return trainer.run_iterations(self.cfg.iters, lambda name: True)

@@ -16,16 +16,33 @@ Which shared tensors are blended element-wise with learned weights
 
 The learning data of one call are a random ``ala_rand_percent`` subset of the site's training
 cases drawn once per call (seeded by run, site and round) and passed through in the same order
-every epoch, as FedALA's fixed window. The first round (and every round up to
-``ala_warmup_rounds``) copies the global model without blending, where FedALA skips ALA
-because the local model still equals the global one.
+every epoch, as FedALA's fixed window. The first round copies the global model without
+blending, where FedALA skips ALA because the local model still equals the global one; so does
+every round up to ``ala_warmup_iters`` local iterations (``round x iters <= ala_warmup_iters``,
+the reference FedICRA code's ``iter_global <= 50``).
+
+Three keys reproduce the reference FedICRA code's round (``FedICRA-ref``; each can be set alone
+for an ablation):
+
+- ``ala_reset_weights``: W restarts at ``ala_w_init`` at every blend;
+- ``ala_reset_every_iters = P``: after a round that reaches a multiple of P local iterations
+  the next round starts from the whole global model, without blending (the reference's
+  evaluation round loads the global encoder, after which its next blend is skipped);
+- ``ala_validate_blend``: validation and ``best.pt`` score the site's trained model blended
+  with that round's aggregate, before any training on it. The aggregate of round r arrives
+  with round r + 1 (or the final evaluate message), so the validation of round r runs then,
+  on a copy, and its Dice is logged as ``val_dice_blend`` in the row of round r + 1. When the
+  next round blends too, that blend is the same call and is reused, as the reference makes
+  one call there.
 """
 from __future__ import annotations
 
-from typing import Dict, List, Mapping, Sequence, Tuple
+import copy
+from typing import Dict, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
 import torch
+from torch import nn
 
 from losses.pce import partial_cross_entropy
 
@@ -74,40 +91,89 @@ def split_shared(param_names: Sequence[str], shared: Sequence[str], layer_idx: i
     return blended, direct
 
 
+def resets_after(server_round: int, iters: int, period: int) -> bool:
+    """Whether round ``server_round`` reaches a multiple of ``period`` local iterations (its
+    last iteration count ``server_round * iters`` crosses one); ``period = 0``: never."""
+    if period <= 0 or server_round < 1:
+        return False
+    return (server_round * iters) // period > ((server_round - 1) * iters) // period
+
+
 @register_rule("FedALA")
 class FedALARule(LocalRule):
     def __init__(self, cfg) -> None:
         super().__init__(cfg)
         self.ala = AdaptiveAggregator(eta=cfg.ala_eta, threshold=cfg.ala_threshold,
                                       num_pre_loss=cfg.ala_num_pre_loss,
-                                      max_epochs=cfg.ala_max_epochs, w_init=cfg.ala_w_init)
+                                      max_epochs=cfg.ala_max_epochs, w_init=cfg.ala_w_init,
+                                      reset=cfg.ala_reset_weights)
         self.last_losses: List[float] = []
 
+    @property
+    def validates_trained_model(self) -> bool:
+        return not self.cfg.ala_validate_blend
+
     def receive(self, trainer, arrays: Mapping[str, np.ndarray], shared: List[str],
-                server_round: int) -> None:
-        if trainer.rounds_done == 0 or server_round <= self.cfg.ala_warmup_rounds:
+                server_round: int) -> Dict[str, float]:
+        cfg = self.cfg
+        previous = server_round - 1
+        metrics: Dict[str, float] = {}
+        reusable = None
+        if cfg.ala_validate_blend and trainer.rounds_done > 0 and \
+                (previous % cfg.eval_every == 0 or previous >= cfg.rounds):
+            probe = copy.deepcopy(trainer.model)
+            blended = self.merge(trainer, probe, arrays, shared, server_round, previous * cfg.iters)
+            scores = trainer.validate_and_checkpoint(previous, False, model=probe)
+            metrics = {"val_dice_blend": scores["val_dice"], "best_val_dice": scores["best_val_dice"]}
+            reusable = probe if blended else None
+        if trainer.rounds_done == 0 or resets_after(previous, cfg.iters, cfg.ala_reset_every_iters):
             trainer.load_arrays(arrays, shared)
-            return
-        names = [n for n, _ in trainer.model.named_parameters()]
+        elif reusable is not None:  # the blend just validated is this round's start
+            trainer.model.load_state_dict(reusable.state_dict())
+        else:
+            self.merge(trainer, trainer.model, arrays, shared, server_round, server_round * cfg.iters)
+        return metrics
+
+    def final_validation(self, trainer, arrays: Mapping[str, np.ndarray], shared: List[str],
+                         server_round: int) -> Optional[Dict[str, float]]:
+        """With ``ala_validate_blend``, the last round's validation: the trained model blended
+        with the final aggregate (on a copy), checkpointed like every validation."""
+        if not self.cfg.ala_validate_blend or not arrays:
+            return None
+        trainer.seed_round(server_round + 1)  # drawn as a next round's start would draw it
+        probe = copy.deepcopy(trainer.model)
+        self.merge(trainer, probe, arrays, shared, server_round + 1, server_round * self.cfg.iters)
+        return trainer.validate_and_checkpoint(server_round, True, model=probe)
+
+    def merge(self, trainer, model: nn.Module, arrays: Mapping[str, np.ndarray],
+              shared: List[str], seed_round: int, iterations: int) -> bool:
+        """Bring the aggregate into ``model``: the whole shared model while ``iterations`` (the
+        round's local iteration count) is within ``ala_warmup_iters``, else the copied keys
+        and the learned blend. Returns whether it blended. ``seed_round`` seeds the subset."""
+        if iterations <= self.cfg.ala_warmup_iters:
+            trainer.load_arrays(arrays, shared, model=model)
+            return False
+        names = [n for n, _ in model.named_parameters()]
         groups = [g for g in self.cfg.ala_groups.split(",") if g]
         blended, direct = split_shared(names, shared, self.cfg.ala_layer_idx,
                                        trainer.keys(groups), self.cfg.ala_global_buffers)
-        trainer.load_arrays(arrays, direct)
+        trainer.load_arrays(arrays, direct, model=model)
         self.last_losses = []
         if not blended:
-            return
+            return False
         global_params = {k: torch.as_tensor(np.asarray(arrays[k])) for k in blended}
         unlabelled = trainer.task.unlabelled
 
-        def pce(model, batch) -> torch.Tensor:
-            logits = model(batch["image"], site=trainer.cid).logits
+        def pce(net, batch) -> torch.Tensor:
+            logits = net(batch["image"], site=trainer.cid).logits
             return partial_cross_entropy(logits, batch["label"], ignore_index=unlabelled)
 
         # One subset per call, the same batches in the same order every epoch (FedALA).
-        seed = self.cfg.seed * 7919 + trainer.cid * 131 + server_round
+        seed = self.cfg.seed * 7919 + trainer.cid * 131 + seed_round
         self.last_losses = self.ala.blend(
-            trainer.model, global_params, pce,
+            model, global_params, pce,
             lambda epoch: trainer.sample_batches(self.cfg.ala_rand_percent, seed))
+        return True
 
     def state_dict(self) -> Dict[str, object]:
         return {"ala": self.ala.state_dict()}

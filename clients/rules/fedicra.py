@@ -15,3 +15,10 @@ from .fedala import FedALARule
 class FedICRARule(FedALARule):
     def local_train(self, trainer, server_round: int):
         return head_split_train(trainer, self.cfg.iters, self.cfg.rep_iters)
+
+
+@register_rule("FedICRA-ref")
+class FedICRARefRule(FedICRARule):
+    """The reference code's round: the same rule, its behaviour set by the keys that the
+    ``FedICRA-ref`` strategy defaults (``ala_reset_weights``, ``ala_reset_every_iters``,
+    ``ala_validate_blend`` and the reference's blend settings; ``clients/rules/fedala.py``)."""

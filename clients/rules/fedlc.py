@@ -5,12 +5,17 @@ Each round the site
 1. loads the shared groups (encoder, PCS, decoder, auxiliary heads) and stores the snapshot of
    every site's segmentation head that came with them (its own head from its local copy) in
    its calibration module (:class:`networks.calibration.HeadCalibration`);
-2. trains ``iters - rep_iters`` steps on its personal head alone, then ``rep_iters`` steps on
-   the shared network with the head frozen (the original's ``head_iter`` split), with the run's
-   objective (pCE + the trained site-contrastive term by default) plus the calibration term:
-   the soft Dice of the calibrated prediction against the sparse labels, on labelled pixels.
-   The calibration module trains in every step; its inputs (decoder feature, prediction,
-   head snapshot) are detached, so its loss gives no gradient to the segmentation network;
+2. trains ``cfg.fedlc_head_steps`` steps (``fedlc_head_fraction`` of the ``iters``, default
+   0.2: 2 of 10) on its personal head alone, then the rest of the round on the shared network
+   with the head frozen. This is the original's split scaled to our round: its local round
+   (one "epoch", between two aggregations) is 300 random draws in batches of 6 = 50 steps, of
+   which the first ``head_iter = 10`` train the head and the other 40 the body
+   (``scripts/train_multi_lcfed.py``: ``if i_batch < args.head_iter:
+   set_global_grad(net_current, global_keys, False)``). The objective is the run's (pCE + the
+   trained site-contrastive term by default) plus the calibration term: the soft Dice of the
+   calibrated prediction against the sparse labels, on labelled pixels. The calibration
+   module trains in every step; its inputs (decoder feature, prediction, head snapshot) are
+   detached, so its loss gives no gradient to the segmentation network;
 3. replies with the shared groups and, as extra arrays, its own head (for the other sites'
    calibration next round). The calibration module never leaves the site.
 """
@@ -96,13 +101,15 @@ class FedLCRule(LocalRule):
         self._network(trainer)
         head = set(trainer.keys([HEAD_GROUP]))
         calib = set(trainer.keys([CALIB_GROUP]))
-        iters, body = self.cfg.iters, self.cfg.rep_iters
+        iters = self.cfg.iters
+        first = self.cfg.fedlc_head_steps
         parts = []
-        if iters - body > 0:
-            parts.append((iters - body, trainer.run_iterations(
-                iters - body, lambda n: n in head or n in calib)))
-        if body > 0:
-            parts.append((body, trainer.run_iterations(body, lambda n: n not in head)))
+        if first > 0:
+            parts.append((first, trainer.run_iterations(
+                first, lambda n: n in head or n in calib)))
+        if iters - first > 0:
+            parts.append((iters - first, trainer.run_iterations(
+                iters - first, lambda n: n not in head)))
         return step_weighted(parts)
 
     def extra_reply(self, trainer, server_round: int) -> Dict[str, np.ndarray]:
