@@ -97,7 +97,7 @@ def all_methods() -> List[Method]:
     """
     from strategies.registry import strategy_names
 
-    names = ["FedICRA", "FedAvg", "FT", "FedProx", "FedBN", "FedAP", "FedRep", "MetaFed",
+    names = ["FedICRA", "FedICRA-ref", "FedAvg", "FT", "FedProx", "FedBN", "FedAP", "FedRep", "MetaFed",
              "FedALA", "FedLC", "Local", "CT-weak", "CT-full"]
     known = {n.lower(): n for n in strategy_names()}
     rows = []
@@ -402,7 +402,8 @@ def validation_curve(out: Path, method: Method, seed: Optional[int] = None) -> D
     A global method's sites validate the global model they receive: the aggregate of round
     ``r`` is scored in round ``r + 1`` (``val_dice_global``); the last aggregate is scored by
     the final evaluation, which metrics.csv does not hold, so its curve ends one round early.
-    Centralised runs log one row per site per validation; the pooled row (client -1) is
+    The same holds for a site that validates its model blended with the aggregate
+    (``ala_validate_blend``, FedICRA-ref: ``val_dice_blend``). Centralised runs log one row per site per validation; the pooled row (client -1) is
     skipped. FT's fine-tuning appears as round ``rounds + 1``.
     """
     from strategies.registry import strategy_class
@@ -415,11 +416,15 @@ def validation_curve(out: Path, method: Method, seed: Optional[int] = None) -> D
     for r in rows:
         if r.get("client") in ("-1", "", None):
             continue
-        key = "val_dice_global" if is_global else "val_dice"
+        if is_global:
+            key, lag = "val_dice_global", 1
+        elif r.get("val_dice_blend") not in ("", None):
+            key, lag = "val_dice_blend", 1  # ala_validate_blend: the blend with round r - 1's aggregate
+        else:
+            key, lag = "val_dice", 0
         if r.get(key) in ("", None):
             continue
-        round_ = int(r["round"]) - (1 if is_global else 0)
-        by_round.setdefault(round_, []).append(float(r[key]))
+        by_round.setdefault(int(r["round"]) - lag, []).append(float(r[key]))
     return {k: sum(v) / len(v) for k, v in sorted(by_round.items()) if k >= 1}
 
 
@@ -592,7 +597,7 @@ def write_reports(out: Path, methods: Sequence[Method], title: str,
 
 
 #: Rows that are not competitors of FedICRA: the ablation and the centralised references.
-NOT_BASELINES = ("FedICRA", "FedAvg + full objective", "CT-weak", "CT-full")
+NOT_BASELINES = ("FedICRA", "FedICRA-ref", "FedAvg + full objective", "CT-weak", "CT-full")
 
 
 def best_baseline(out: Path, target: str = "") -> str:

@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks import compare_strategies as cmp
 
-PAPER_METHODS = ["FedICRA", "FedAvg", "FT", "FedProx", "FedBN", "FedAP", "FedRep", "MetaFed",
+PAPER_METHODS = ["FedICRA", "FedICRA-ref", "FedAvg", "FT", "FedProx", "FedBN", "FedAP", "FedRep", "MetaFed",
                  "FedALA", "FedLC", "Local", "CT-weak", "CT-full"]
 
 
@@ -54,7 +54,8 @@ def test_validation_curve_scores_what_each_method_deploys(tmp_path):
         folder = cmp.run_dir(tmp_path, method)
         folder.mkdir(parents=True)
         with open(folder / "metrics.csv", "w", newline="") as f:
-            writer = csv.DictWriter(f, fieldnames=["round", "client", "val_dice", "val_dice_global"])
+            writer = csv.DictWriter(f, fieldnames=["round", "client", "val_dice", "val_dice_global",
+                                                   "val_dice_blend"], restval="")
             writer.writeheader()
             writer.writerows(rows)
 
@@ -69,6 +70,10 @@ def test_validation_curve_scores_what_each_method_deploys(tmp_path):
     assert cmp.validation_curve(tmp_path, fedavg) == pytest.approx({1: 0.3, 2: 0.5})
     assert cmp.validation_curve(tmp_path, local) == pytest.approx({1: 0.4})
     assert cmp.validation_curve(tmp_path, ct) == pytest.approx({1: 0.7})
+    ref = cmp.Method("FedICRA-ref", "FedICRA-ref")  # scores its blend with the next aggregate
+    write(ref, [{"round": 2, "client": 0, "val_dice_blend": 0.6},
+                {"round": 2, "client": 1, "val_dice_blend": 0.2}])
+    assert cmp.validation_curve(tmp_path, ref) == pytest.approx({1: 0.4})
 
 
 def _check_outputs(out: Path, labels):
@@ -336,8 +341,7 @@ def test_single_seed_comparison_keeps_its_layout_and_gains_the_p_column(tmp_path
     assert not cmp.is_done(tmp_path, fedicra, 2023)
 
 
-# TODO(lead): once FedICRA-ref is registered, make this "FedICRA,FedICRA-ref,FedRep".
-SEEDS_METHODS = "FedICRA,FedRep"
+SEEDS_METHODS = "FedICRA,FedICRA-ref,FedRep"
 
 
 @pytest.mark.slow
