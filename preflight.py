@@ -12,6 +12,8 @@ from pathlib import Path
 from typing import Dict, List, Optional, Sequence
 
 from configs import RunConfig
+from deployment.run_folder import (  # noqa: F401  (re-exported)
+    MARKER, RUN_ENTRIES, FolderRefused, check_exp_inside, claim, run_files)
 
 
 class PreflightError(ValueError):
@@ -74,7 +76,7 @@ def check_names(cfg: RunConfig) -> None:
         _fail("ala_groups", f"{cfg.ala_groups!r}: expected a comma-separated list of "
                             f"{', '.join(PARTITION_GROUPS + CROSS_GROUPS)}")
     try:
-        cfg.exp_name
+        check_exp_inside(cfg.exp_name)
     except ValueError as err:
         _fail("exp", str(err))
 
@@ -88,17 +90,21 @@ def check_gpus(gpus: Sequence[int]) -> None:
         return
     import torch
 
-    if torch.cuda.is_available():
-        count = torch.cuda.device_count()
-        missing = [g for g in gpus if g >= count]
-        if missing:
-            _fail("gpus", f"GPU ids {missing} do not exist: this machine has {count} "
-                          f"(ids 0..{count - 1})")
+    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    missing = [g for g in gpus if g >= count]
+    if missing and not count:
+        _fail("gpus", f"GPU ids {missing} do not exist: this machine has no CUDA GPU "
+                      "(torch.cuda.device_count() = 0); leave --gpus out (or give it no ids) "
+                      "to train on the CPU")
+    if missing:
+        _fail("gpus", f"GPU ids {missing} do not exist: this machine has {count} "
+                      f"(ids 0..{count - 1})")
 
 
-def count_cases(cfg: RunConfig, sites: Optional[Sequence[int]] = None) -> Dict[int, Dict[str, int]]:
+def count_cases(cfg: RunConfig, sites: Optional[Sequence[int]] = None,
+                headers: bool = True) -> Dict[int, Dict[str, int]]:
     """Cases per site and split for ``sites`` (default: every site the run uses); fails naming
-    ``--root_path``."""
+    ``--root_path``. With ``headers`` every case file is opened too (:func:`check_case_files`)."""
     from dataloaders import h5layout
 
     root = Path(cfg.root_path)
@@ -120,14 +126,51 @@ def count_cases(cfg: RunConfig, sites: Optional[Sequence[int]] = None) -> Dict[i
             _fail("val_fraction", f"{cfg.val_fraction} of site {site}'s "
                                   f"{counts[site]['train']} training cases leaves an empty "
                                   "training or validation split")
+    if headers:
+        check_case_files(cfg, counts)
     return counts
 
 
+#: A site with more cases than this gets a progress line while its files are opened.
+PROGRESS_CASES = 500
+
+
+def check_case_files(cfg: RunConfig, counts: Dict[int, Dict[str, int]]) -> None:
+    """Open every case file of the sites in ``counts`` (the HDF5 header only, no pixels) and
+    check that it holds ``image`` and the labels its split is read with (training: the run's
+    label form, ``label_form`` or the site's weak form; test: ``mask``), with matching shapes.
+    Fails naming ``--root_path`` and the file; a large site logs a progress line first."""
+    import logging
+
+    from dataloaders import h5layout
+    from dataloaders.dataset import _check_meta
+    from dataloaders.tasks import get_task, label_key
+
+    task = get_task(cfg.img_class, cfg.root_path)
+    for site in counts:
+        total = sum(counts[site].values())
+        if total > PROGRESS_CASES:
+            logging.getLogger("fedicra").info("checking the %d case files of site %d ...",
+                                              total, site)
+        for split in h5layout.SPLITS:
+            form = (cfg.label_form or task.site(site).weak_form) if split == "train" else "mask"
+            for path in sorted(h5layout.site_dir(cfg.root_path, site, split).glob("*.h5")):
+                try:
+                    _check_meta(path, h5layout.read_meta(path), task, [label_key(form)])
+                except (ValueError, KeyError) as err:
+                    message = err.args[0] if err.args else str(err)
+                    _fail("root_path", f"site {site} ({split}): {message}")
+
+
 def check_run(cfg: RunConfig, data: bool = True) -> Dict[int, Dict[str, int]]:
-    """All checks; returns the case counts per site (empty without ``data``)."""
+    """All checks; returns the case counts per site (empty without ``data``). The cheap ones
+    first: names, the data folders, GPUs, then every case file."""
     check_names(cfg)
+    counts = count_cases(cfg, headers=False) if data else {}
     check_gpus(cfg.gpus)
-    return count_cases(cfg) if data else {}
+    if data:
+        check_case_files(cfg, counts)
+    return counts
 
 
 def describe_counts(counts: Dict[int, Dict[str, int]]) -> str:
@@ -135,33 +178,9 @@ def describe_counts(counts: Dict[int, Dict[str, int]]) -> str:
 
 
 # ---------------------------------------------------------------------- output folders
-#: What a run writes into its folder (``--overwrite`` removes exactly these).
-RUN_ENTRIES = ("config.toml", "metrics.csv", "pids.json", "tb", "test", "global", "logs",
-               "secrets", "flwr_home")
-
-
-def run_files(out_dir: Path) -> List[Path]:
-    """The entries of an earlier run in ``out_dir``."""
-    if not out_dir.is_dir():
-        return []
-    found = [out_dir / name for name in RUN_ENTRIES if (out_dir / name).exists()]
-    found += sorted(p for p in out_dir.glob("client*") if p.is_dir() and p.name[6:].isdigit())
-    return found
-
-
-def claim_output(out_dir: Path, overwrite: bool) -> None:
-    """Refuse a folder that holds a run unless ``overwrite``; then remove that run's files."""
-    import shutil
-
-    old = run_files(out_dir)
-    if not old:
-        return
-    if not overwrite:
-        _fail("exp", f"{out_dir} already holds a run ({', '.join(p.name for p in old[:4])}"
-                     f"{', ...' if len(old) > 4 else ''}); choose another --exp, or pass "
-                     "--overwrite to delete that run first")
-    for path in old:
-        if path.is_dir() and not path.is_symlink():
-            shutil.rmtree(path)
-        else:
-            os.remove(path)
+def claim_output(out_dir: Path, overwrite: bool, exp: str = "", role: str = "run",
+                 prepared: bool = False):
+    """Make ``out_dir`` this process's run folder (:func:`deployment.run_folder.claim`): refused
+    while a live run holds it, when it is not a run's folder, or when it holds a run and not
+    ``overwrite``; returns the lock, held until the process ends or releases it."""
+    return claim(Path(out_dir), exp or Path(out_dir).name, overwrite, role, prepared)

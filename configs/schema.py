@@ -166,7 +166,15 @@ class RunConfig:
         return Path(self.out_root) / self.exp_name
 
     def validate(self) -> "RunConfig":
+        not_finite = [f"{f.name} = {getattr(self, f.name)!r}" for f in fields(self)
+                      if isinstance(getattr(self, f.name), float)
+                      and not math.isfinite(getattr(self, f.name))]
+        if not_finite:
+            raise ValueError(f"invalid configuration: {', '.join(not_finite)}: every number "
+                             "must be finite (no nan or inf)")
         checks = [
+            (self.base_lr > 0.0, f"base_lr = {self.base_lr!r} must be > 0 (the initial "
+                                 "learning rate, e.g. 0.01)"),
             (self.rounds >= 1, "rounds must be >= 1"),
             (self.iters >= 1, "iters must be >= 1"),
             (0 <= self.rep_iters <= self.iters,
@@ -189,7 +197,7 @@ class RunConfig:
             (self.ala_warmup_iters >= 0, "ala_warmup_iters must be >= 0 (0: only the first round)"),
             (self.ala_reset_every_iters >= 0, "ala_reset_every_iters must be >= 0 (0: never)"),
             (self.ft_iters >= 0, "ft_iters must be >= 0"),
-            (self.ft_lr >= 0.0, "ft_lr must be >= 0 (0: base_lr)"),
+            (self.ft_lr >= 0.0, f"ft_lr = {self.ft_lr!r} must be >= 0 (0: base_lr)"),
             (self.metafed_lambda >= 0.0, "metafed_lambda must be >= 0"),
             (0.0 <= self.metafed_threshold <= 1.0,
              "metafed_threshold must lie in [0, 1] (a validation Dice; 1: never distil, always copy)"),

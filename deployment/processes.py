@@ -1,8 +1,24 @@
 """Child processes of a deployment: start in their own process group, wait until ready, stop.
 
 Every child starts with ``start_new_session=True``, so it leads a process group that also
-holds whatever it spawns (the SuperNode's SuperExec and ClientApp processes, the SuperLink's
-ServerApp). Stopping sends SIGTERM to each group, waits, then SIGKILLs what is left.
+holds whatever it spawns (the SuperNode's ClientApp processes, the site worker's threads).
+Some descendants leave that group: the SuperLink starts its SuperExec, and so the
+``flwr-serverapp`` of the run, in a session of its own, and Ray's helpers under the
+Simulation Engine do the same. What ties every process of a run together is its **run
+token**: a random ``FEDICRA_RUN_TOKEN`` in the environment of every child, which everything
+they start inherits. Stopping a run ends every process that carries the token (read from
+``/proc/<pid>/environ``), never a process by its pid alone:
+
+- the launcher's own stop (:meth:`ProcessGroup.stop_all`): SIGTERM to every child's group
+  and to every process of the run; SIGKILL after ``timeout`` to the children and their
+  groups, after :data:`ORPHAN_GRACE` s to the others (``flwr-serverapp``, Ray);
+- a launcher that dies, even by SIGKILL: every child has ``PR_SET_PDEATHSIG`` (SIGTERM), and
+  a watchdog (:mod:`deployment.watchdog`, in its own session) that polls the launcher ends
+  every process of the run within :data:`ORPHAN_GRACE` s;
+- ``flower_runner.py stop RUN_DIR`` (:func:`stop_recorded`): ``pids.json`` records the
+  token and, for the launcher and every child, what identifies the process beyond its pid
+  (its start time, field 22 of ``/proc/<pid>/stat``, the boot id and its command line); a
+  recorded pid that now belongs to another process is left alone.
 """
 from __future__ import annotations
 
@@ -15,6 +31,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -23,6 +40,16 @@ from typing import Callable, Dict, Iterator, List, Mapping, Optional, Sequence
 log = logging.getLogger("fedicra.deploy")
 
 POLL = 0.05  # seconds between readiness checks
+#: Environment variable holding the run token of every process of a run (see the docstring).
+TOKEN_ENV = "FEDICRA_RUN_TOKEN"
+#: Seconds a process of the run outside the launcher's children and their groups (the
+#: ``flwr-serverapp``, Ray's helpers), or any process once the launcher is dead, gets after
+#: SIGTERM before SIGKILL.
+ORPHAN_GRACE = 3.0
+#: Seconds between two scans of ``/proc`` for the processes of a run while stopping it.
+SCAN = 0.1
+#: ``format`` of the pids.json this version writes (version 1: ``{name: pid}``).
+PIDS_FORMAT = 2
 
 
 class DeploymentError(RuntimeError):
