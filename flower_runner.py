@@ -244,11 +244,39 @@ def parse_subcommand(argv: List[str]) -> argparse.Namespace:
     certs.add_argument("--days", type=int, default=365, help="validity in days (default 365)")
     certs.add_argument("--overwrite", action="store_true",
                        help="replace existing keys and certificates (otherwise refused)")
-    stop = sub.add_parser("stop", help="stop what a run left running, from its pids.json")
-    stop.add_argument("run_dir", type=Path, help="the run's folder, model/<exp>")
-    stop.add_argument(*spellings("stop-timeout"), dest="stop_timeout", type=float, default=10.0,
-                      help="seconds a process group gets after SIGTERM before SIGKILL")
+    add_stop_flags(sub.add_parser("stop", help="stop what a run left running, from its pids.json"))
     return p.parse_args(argv)
+
+
+def add_stop_flags(p: argparse.ArgumentParser) -> None:
+    p.add_argument("run_dir", type=Path, help="the run's folder, model/<exp> (for a site: "
+                   "<out_root>/<exp>/site<k>)")
+    p.add_argument(*spellings("stop-timeout"), dest="stop_timeout", type=float, default=10.0,
+                   help="seconds a recorded process of the run gets after SIGTERM before "
+                        "SIGKILL (the others: at most 3 s)")
+
+
+def stop_main(argv: List[str]) -> int:
+    """``flower_runner.py stop RUN_DIR``: stop what the run left running
+    (:func:`deployment.processes.stop_recorded`). Its own small parser: the full one imports
+    every registry (torch), which a machine in trouble should not have to wait for."""
+    from deployment.processes import stop_recorded
+
+    p = argparse.ArgumentParser(prog="flower_runner.py stop",
+                                description="stop what a run left running, from its pids.json")
+    add_stop_flags(p)
+    args = p.parse_args(argv)
+    try:
+        stopped, left = stop_recorded(args.run_dir / "pids.json", args.stop_timeout)
+    except (ValueError, FileNotFoundError) as err:
+        log.error("error: %s", err)
+        return 2
+    log.info("stopped %s", ", ".join(f"{n} ({p})" for p, n in sorted(stopped.items()))
+             if stopped else "nothing: no process of this run was running")
+    if left:
+        log.info("left alone (no longer processes of this run): %s",
+                 "; ".join(f"{n}: {why}" for n, why in left.items()))
+    return 0
 
 
 def _parse_value(text: str):
@@ -350,10 +378,13 @@ def prepare_resume(args: argparse.Namespace) -> Tuple[RunConfig, Dict[str, str],
     runs here (``--port``, ``--gpus``, ``--mode``, ``--set cpus_per_client=N``) may change;
     any other run flag, ``--config`` or ``--overwrite`` is refused unless it repeats the
     snapshot's value. A folder moved since (with its ``<exp>`` path) is followed. Refused:
-    a centralised run (CT-*), a run with no completed round, a finished run. Then every
+    a centralised run (CT-*), a folder a live run or site holds (its lock names the pid;
+    the lock is taken here and held until the process ends), a busy port, a run with no
+    completed round, a finished run. Then every
     site's checkpoint is put back to that round (:func:`strategies.resume.rollback_sites`)
     and the snapshot is rewritten when a local setting or the folder changed.
     """
+    from deployment.run_folder import claim_existing
     from strategies.base import LOCAL_ONLY_KEYS
     from strategies.registry import strategy_class
     from strategies.resume import resume_point, rollback_sites
@@ -396,6 +427,8 @@ def prepare_resume(args: argparse.Namespace) -> Tuple[RunConfig, Dict[str, str],
         raise preflight.PreflightError(
             f"--resume: {cfg.strategy} is centralised training (no federated rounds to "
             "continue) and cannot be resumed; run it again with --overwrite")
+    claim_existing(cfg.out_dir, cfg.exp_name)  # refused while the run (or a site) is alive
+    check_startable(cfg)  # busy port: refused before a checkpoint or the snapshot is touched
     done = int(resume_point(cfg)["round"])
     rollback_sites(cfg, done)
     if cfg.to_dict() != saved.to_dict():
@@ -421,6 +454,8 @@ def describe(cfg: RunConfig, sources: Mapping[str, str]) -> str:
 
 
 def setup_logging() -> None:
+    for old in list(log.handlers):  # main() may run more than once in one process (tests)
+        log.removeHandler(old)
     handler = logging.StreamHandler(sys.stdout)
     handler.setFormatter(logging.Formatter("%(asctime)s %(message)s", "%H:%M:%S"))
     log.addHandler(handler)
@@ -451,6 +486,10 @@ def deploy_options(args: argparse.Namespace, **extra):
     for key, value in security_options(args).items():  # --tls, --auth-keys
         extra.setdefault(key, value)
     extra.setdefault("root_certificates", getattr(args, "root_certificates", ""))
+    for key in ("ssl_certfile", "ssl_keyfile", "ssl_ca_certfile", "root_certificates",
+                "auth_private_key"):
+        if extra.get(key):  # given relative to here; the Flower processes run in the repository
+            extra[key] = str(Path(str(extra[key])).resolve())
     return DeployOptions(poll_interval=args.poll_interval, stop_timeout=args.stop_timeout,
                          clientapp_exec=args.clientapp_exec, pack_arrays=args.pack_arrays,
                          **extra)
@@ -462,19 +501,55 @@ def absolute_paths(cfg: RunConfig) -> RunConfig:
                          "root_path": str(Path(cfg.root_path).resolve())}, "absolute paths")
 
 
+def check_startable(cfg: RunConfig) -> None:
+    """What the deployment and the simulation would refuse, checked before anything is
+    written: an output folder that ``flwr run`` would pack, a busy port (DeploymentError)."""
+    from strategies.registry import strategy_class
+
+    if not getattr(strategy_class(cfg.strategy), "federated", True):
+        return  # CT-*: no Flower processes
+    from deployment.launch import check_out_dir_not_packed, planned_ports
+    from deployment.processes import check_ports_free
+
+    check_out_dir_not_packed(Path(cfg.out_dir).resolve())
+    check_ports_free(planned_ports(cfg))
+
+
+def prepared_snapshot(args: argparse.Namespace, cfg: RunConfig) -> bool:
+    """Whether ``launch --config`` submits the snapshot a ``launch --dry-run`` wrote into the
+    run's own folder (``<out_root>/<exp>/config.toml``, the file the sites were started with)
+    and no round has been recorded there yet: then the folder is used as it is (no
+    ``--overwrite`` needed, live sites expected). Flags that would change that snapshot are
+    refused, since the sites run with it."""
+    if args.dry_run or args.overwrite or args.config is None:
+        return False
+    out_dir = Path(cfg.out_dir)
+    snapshot = out_dir / "config.toml"
+    if not snapshot.is_file() or args.config.resolve() != snapshot.resolve():
+        return False
+    if (out_dir / "metrics.csv").exists() or (out_dir / "global" / "latest.pt").exists():
+        raise preflight.PreflightError(
+            f"--config: the run of {snapshot} has recorded rounds already; pass --overwrite to "
+            "start it again from round 1 (stop its sites first), or write a new snapshot with "
+            "launch --dry-run --exp <another>")
+    changed = sorted(k for k, v in load_config(snapshot).to_dict().items()
+                     if cfg.to_dict().get(k) != v)
+    if changed:
+        raise preflight.PreflightError(
+            f"--config: {snapshot} is the snapshot the sites run with; the flags change "
+            f"{', '.join(changed)}. Drop them, or write a new snapshot with launch --dry-run "
+            "(and restart the sites with it)")
+    return True
+
+
 def subcommand_main(argv: List[str]) -> int:
+    if argv[0] == "stop":
+        return stop_main(argv[1:])
     from deployment import multi_machine
     from deployment.processes import DeploymentError
 
     args = parse_subcommand(argv)
     try:
-        if args.command == "stop":
-            from deployment.processes import stop_recorded
-
-            stopped = stop_recorded(args.run_dir / "pids.json", args.stop_timeout)
-            log.info("stopped %s", ", ".join(f"{n} ({p})" for n, p in stopped.items())
-                     if stopped else "nothing: no process of this run was running")
-            return 0
         if args.command == "certs":
             from deployment.certs import write_certs
 
@@ -497,14 +572,27 @@ def subcommand_main(argv: List[str]) -> int:
                 raise preflight.PreflightError(f"--cid: {args.cid} is not a client of this run "
                                                f"(0..{snapshot.num_clients - 1})")
             counts = preflight.count_cases(snapshot, sites=[args.cid])
+            preflight.check_gpus([] if args.gpu is None else [args.gpu])
             log.info("site %d data: %s", args.cid, preflight.describe_counts(counts))
             port = args.port if args.port is not None else snapshot.port
+            from deployment.launch import PortPlan
+            from deployment.processes import check_ports_free
+            from deployment.run_folder import claim_site
+
+            check_ports_free(PortPlan(port).site_ports(args.cid))  # before anything is written
+            claim_site(Path(snapshot.out_dir).resolve(), snapshot.exp_name, args.cid)
             return multi_machine.serve_site(args.config, args.cid, args.superlink, port, args.gpu,
                                             opts, overrides)
         cfg = absolute_paths(resolve_config(args))
         preflight.check_run(cfg, data=False)  # the data lives on the sites
-        preflight.claim_output(cfg.out_dir, args.overwrite)
-        save_config(cfg, cfg.out_dir / "config.toml")
+        from deployment.run_folder import refuse_live
+
+        refuse_live(cfg.out_dir, sites=False)  # a live launch or run holds the folder
+        prepared = prepared_snapshot(args, cfg)
+        preflight.claim_output(cfg.out_dir, args.overwrite, cfg.exp_name, role="launch",
+                               prepared=prepared)  # held until the run ends
+        if not prepared:
+            save_config(cfg, cfg.out_dir / "config.toml")
         if args.dry_run:
             log.info("snapshot written: %s", (cfg.out_dir / "config.toml").resolve())
             return 0
@@ -516,6 +604,19 @@ def subcommand_main(argv: List[str]) -> int:
 
 
 def main(argv: Optional[List[str]] = None) -> int:
+    """The command line; the lock on the run folder (:mod:`deployment.run_folder`) is held
+    until it returns."""
+    from deployment.run_folder import release_all
+
+    try:
+        return _main(argv)
+    finally:
+        release_all()
+
+
+def _main(argv: Optional[List[str]] = None) -> int:
+    from deployment.processes import DeploymentError
+
     setup_logging()
     argv = list(sys.argv[1:] if argv is None else argv)
     if argv and argv[0] in SUBCOMMANDS:
@@ -530,8 +631,9 @@ def main(argv: Optional[List[str]] = None) -> int:
             cfg, sources = resolve_layers(args)
             cfg = absolute_paths(cfg)  # Flower's processes run in other folders
             counts = preflight.check_run(cfg)
-            preflight.claim_output(cfg.out_dir, args.overwrite)
-    except (ValueError, FileNotFoundError) as err:
+            check_startable(cfg)  # busy port, packed folder: refused before anything is written
+            preflight.claim_output(cfg.out_dir, args.overwrite, cfg.exp_name)  # marker + lock
+    except (ValueError, FileNotFoundError, DeploymentError) as err:
         log.error("error: %s", err)
         return 2
     out_dir = cfg.out_dir
@@ -543,9 +645,9 @@ def main(argv: Optional[List[str]] = None) -> int:
         log.info("resuming after round %d of %d", done, cfg.rounds)
     log.info("data: %s", preflight.describe_counts(counts))
     from deployment.launch import run_deployment
-    from deployment.processes import DeploymentError
     from strategies.registry import strategy_class
 
+    outcome: Dict[str, object] = {}  # what the end-of-run summary adds to metrics.csv
     try:
         if not getattr(strategy_class(cfg.strategy), "federated", True):
             from clients.centralised import run_centralised  # CT-*: pooled sites, no Flower
@@ -554,7 +656,7 @@ def main(argv: Optional[List[str]] = None) -> int:
         elif cfg.mode == "simulation":
             code = run_simulation_mode(cfg, args)
         else:
-            code = run_deployment(cfg, deploy_options(args))
+            code = run_deployment(cfg, deploy_options(args), outcome=outcome)
     except DeploymentError as err:
         log.error("error: %s", err)
         return 2
@@ -563,7 +665,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     if (out_dir / "metrics.csv").is_file():
         from configs.metrics_csv import summary_table
 
-        log.info("summary of %s:\n%s", cfg.exp, summary_table(out_dir / "metrics.csv"))
+        log.info("summary of %s:\n%s", cfg.exp, summary_table(
+            out_dir / "metrics.csv", dropped=outcome.get("dropped")))
     log.info("done. Test every client: python test_client.py --client all --exp %s --out_root %s",
              cfg.exp, cfg.out_root)
     log.info("TensorBoard: tensorboard --logdir %s", out_dir / "tb")

@@ -3,7 +3,8 @@
 Every check raises :class:`PreflightError` whose message starts with the flag or key at fault
 and says what was expected. Nothing is written. ``flower_runner.py`` calls :func:`check_run`
 in both modes, ``launch`` checks everything but the data (which lives on the sites) and
-``site`` checks its own data.
+``site`` checks its own data. Then, and only then, :func:`claim_output` takes the run folder
+(marker and lock: :mod:`deployment.run_folder`).
 """
 from __future__ import annotations
 

@@ -45,7 +45,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("--client", default="all", help="clientK or all")
     p.add_argument("--cid", type=int, default=None, help="client id (same as --client clientK)")
-    p.add_argument("--exp", required=True, help="experiment name used for training")
+    p.add_argument("--exp", required=True,
+                   help="the run's folder under --out_root (<out_root>/<exp>, as trained, or "
+                        "wherever the folder was copied or moved)")
     p.add_argument("--out_root", default="model", help="folder holding <exp>/")
     p.add_argument("--root_path", default=None, help="data root (default: the run's)")
     p.add_argument("--img_class", default=None, help="task (checked against the run's)")
@@ -193,6 +195,17 @@ def test_client(cfg, cid: int, root: str, checkpoint: str, out: Path, device: to
     return rows
 
 
+def run_at(run_dir: Path):
+    """The run in folder ``run_dir`` (``<out_root>/<exp>`` as given): its ``config.toml``
+    with the folder pinned to ``run_dir``, so a copied or moved run folder is scored, and
+    written to, where it is, whatever ``exp`` and ``out_root`` its snapshot recorded."""
+    run_dir = Path(run_dir)
+    cfg = load_config(run_dir / "config.toml")
+    name = run_dir.name.replace("{", "{{").replace("}", "}}")  # exp is a format string
+    cfg.out_root, cfg.exp = str(run_dir.parent), name
+    return cfg
+
+
 def run_id(cfg) -> str:
     """Identifies the run a result row comes from: its experiment folder, resolved."""
     return str(Path(cfg.out_dir).resolve())
@@ -326,8 +339,7 @@ def main(argv: Optional[List[str]] = None) -> int:
     logging.basicConfig(level=logging.INFO, format="%(message)s", stream=sys.stdout)
     args = parse_args(argv)
     try:
-        cfg = load_config(Path(args.out_root) / args.exp / "config.toml")
-        cfg.out_root = args.out_root
+        cfg = run_at(Path(args.out_root) / args.exp)
         task = get_task(cfg.img_class)
         _check("img_class", args.img_class, cfg.img_class)
         _check("model", args.model, cfg.model)

@@ -82,8 +82,10 @@ def kind_of(name: str, cmd: str) -> str:
 
 def sample(runner: int, pid_file: Path) -> Dict[Tuple[str, int], int]:
     """``{(kind, pid): RSS in kB}`` of the runner, its listed children and their descendants."""
+    from deployment.processes import recorded_pids
+
     try:
-        listed = json.loads(pid_file.read_text())
+        listed = recorded_pids(pid_file)
     except (OSError, ValueError):
         listed = {}
     tree = children_of()

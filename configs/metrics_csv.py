@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping
+from typing import Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 
@@ -55,15 +55,38 @@ def keep_rows_up_to(path: Path, last_round: int) -> int:
     return len(rows) - len(kept)
 
 
-def summary_table(csv_path: Path) -> str:
+def rounds_text(rounds: Iterable[int]) -> str:
+    """``[2, 3, 4, 7]`` -> ``"rounds 2-4, 7"`` (``"round 3"`` for one)."""
+    rounds = sorted(set(rounds))
+    spans: List[List[int]] = []
+    for r in rounds:
+        if spans and r == spans[-1][1] + 1:
+            spans[-1][1] = r
+        else:
+            spans.append([r, r])
+    text = ", ".join(f"{a}-{b}" if b > a else f"{a}" for a, b in spans)
+    return f"round{'s' if len(rounds) > 1 else ''} {text}"
+
+
+def summary_table(csv_path: Path, dropped: Optional[Mapping[int, str]] = None) -> str:
     """End-of-run table from metrics.csv: per client its best validation Dice and the round
     it was reached (the personalised checkpoint), and the best mean Dice of the global model
-    where the method validates it (its row ``round r`` scores the aggregate of round r - 1)."""
+    where the method validates it (its row ``round r`` scores the aggregate of round r - 1).
+
+    Then the sites that missed rounds (``missing = 1`` rows), which rounds, and whether they
+    came back, and the sites dropped for the rest of the run (``dropped``: client id -> why,
+    e.g. a site worker that used up its restarts).
+    """
     best: Dict[int, tuple] = {}
     global_means: Dict[int, List[float]] = {}
+    missed: Dict[int, List[int]] = {}
+    last_round = 0
     with open(csv_path, newline="") as f:
         for row in csv.DictReader(f):
             client, rnd = int(row["client"]), int(row["round"])
+            last_round = max(last_round, rnd)
+            if row.get("missing") == "1":
+                missed.setdefault(client, []).append(rnd)
             for key, scored in (("val_dice", rnd), ("val_dice_blend", rnd - 1)):
                 if row.get(key):
                     value = float(row[key])
@@ -80,4 +103,10 @@ def summary_table(csv_path: Path) -> str:
                          key=lambda item: item[1])
         lines.append(f"global model: best mean validation Dice {value:.4f} (aggregate of round "
                      f"{rnd}; the final aggregate is scored after the last round)")
+    for client, rounds in sorted(missed.items()):
+        lines.append(f"client {client} missed {rounds_text(rounds)} of {last_round}"
+                     f"{', the last one included' if last_round in rounds else ''} (the "
+                     "run's log says why)")
+    for client, why in sorted((dropped or {}).items()):
+        lines.append(f"client {client} was dropped for the rest of the run: {why}")
     return "\n".join(lines)

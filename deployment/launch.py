@@ -223,6 +223,17 @@ def check_out_dir_not_packed(out_dir: Path) -> None:
             "repository or an ignored one (model/, runs/)")
 
 
+def planned_ports(cfg) -> Dict[str, int]:
+    """Every port run ``cfg`` binds on this machine, by what uses it: the SuperLink's, and in
+    deployment mode each site's SuperNode and worker (:class:`PortPlan`)."""
+    plan = PortPlan(int(cfg.port))
+    ports = {f"SuperLink (--port {plan.base})": plan.superlink}
+    if cfg.mode != "simulation":
+        for cid in range(cfg.num_clients):
+            ports.update(plan.site_ports(cid))
+    return ports
+
+
 def _toml_string(value: str) -> str:
     return f"'{value}'" if "'" not in value else json.dumps(value)
 
@@ -562,23 +573,23 @@ def interrupted_code(err: Interrupted) -> int:
     return 128 + err.signum
 
 
-def run_deployment(cfg, options: Optional[DeployOptions] = None) -> int:
+def run_deployment(cfg, options: Optional[DeployOptions] = None,
+                   outcome: Optional[Dict[str, object]] = None) -> int:
     """Run ``cfg`` on this machine: SuperLink, one site per client, ``flwr run``; clean up.
 
     ``cfg.out_dir/config.toml`` must hold the snapshot (``flower_runner.py`` writes it).
     Returns 0 when the run completed, 1 when it (or a child) failed, 128 + signal number when
     interrupted (130 for Ctrl-C, 143 for SIGTERM). Raises :class:`DeploymentError` (busy port,
-    output folder inside the app) before starting anything.
+    output folder inside the app) before starting anything. ``outcome`` (optional) receives
+    ``dropped``: ``{client id: why}`` of the sites dropped for the rest of the run (a worker
+    that used up its restarts), for the end-of-run summary.
     """
     opts = options or DeployOptions()
     out_dir = Path(cfg.out_dir).resolve()
     check_out_dir_not_packed(out_dir)
     snapshot = out_dir / "config.toml"
     plan = PortPlan(int(cfg.port))
-    ports = {f"SuperLink (--port {plan.base})": plan.superlink}
-    for cid in range(cfg.num_clients):
-        ports.update(plan.site_ports(cid))
-    check_ports_free(ports)
+    check_ports_free(planned_ports(cfg))
     flwr_home = out_dir / "flwr_home"
     superlink = f"127.0.0.1:{plan.superlink}"
     write_flwr_config(flwr_home, superlink, opts)
@@ -602,6 +613,8 @@ def run_deployment(cfg, options: Optional[DeployOptions] = None) -> int:
             watch = ["superlink"] + [n for s in sites for n in s.names if n != s.worker]
             supervisor = WorkerSupervisor(group, {s.worker: s.cid for s in sites},
                                           opts.worker_restarts)
+            if outcome is not None:
+                outcome["dropped"] = supervisor.dropped  # filled while the run goes on
             return submit_run(group, snapshot, flwr_home, opts, watch=watch,
                               supervise=supervisor)
     except Interrupted as err:

@@ -37,6 +37,9 @@ class WorkerSupervisor:
         self.restarts = int(restarts)
         self.count = {name: 0 for name in self.workers}
         self.given_up: set = set()
+        #: client id -> why its site was dropped for the rest of the run (the end-of-run
+        #: summary lists them, see :func:`configs.metrics_csv.summary_table`)
+        self.dropped: Dict[int, str] = {}
 
     def check(self) -> None:
         for name, cid in self.workers.items():
@@ -46,6 +49,10 @@ class WorkerSupervisor:
             tail = child.log_tail()
             if self.count[name] >= self.restarts:
                 self.given_up.add(name)
+                self.dropped[cid] = (f"its site worker exited {self.count[name] + 1} times "
+                                     f"(last exit code {child.proc.returncode}) and was not "
+                                     f"restarted after {self.restarts} restart(s); see "
+                                     f"{child.log_path}")
                 log.error("%s (client %d) exited with code %s after %d restart(s); not "
                           "restarted again: the run goes on without client %d. Last lines of "
                           "%s:\n%s", name, cid, child.proc.returncode, self.count[name], cid,

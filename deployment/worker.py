@@ -20,6 +20,7 @@ from __future__ import annotations
 
 import argparse
 import logging
+import os
 import signal
 import socket
 import sys
@@ -32,6 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from configs import RunConfig, load_config
+from strategies.errors import SITE_REFUSED
 
 from .channel import (HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, SILENCE_TIMEOUT, parse_address,
                       read_secret, receive, send, set_deadline, timed_out)
@@ -93,7 +95,7 @@ class SiteWorker:
             return
         latest = self.trainer.client_dir / "latest.pt"
         if latest.is_file():
-            self.trainer.load(latest)
+            self._load(latest)
             done = self.trainer.rounds_done
             if done == server_round - 1:
                 log.info("client %d: resumed from %s (round %d)", self.cid, latest, done)
@@ -113,11 +115,21 @@ class SiteWorker:
                            f"has done {self.trainer.rounds_done} rounds and {latest} does not "
                            "continue it")
 
+    def _load(self, latest: Path) -> None:
+        """Continue from the site's own ``latest.pt``. A checkpoint that cannot be loaded (of
+        another run or client, damaged, of another model) would fail every round alike: the
+        error says :data:`~strategies.errors.SITE_REFUSED`, and the server stops the run."""
+        try:
+            self.trainer.load(latest)
+        except (ValueError, KeyError, RuntimeError, TypeError) as err:
+            raise RuntimeError(f"client {self.cid} {SITE_REFUSED}: it must continue from "
+                               f"{latest}, which it cannot load: {err}") from None
+
     def _restore(self) -> None:
         """A restarted worker evaluates the site's model of its last round, not a fresh one."""
         latest = self.trainer.client_dir / "latest.pt"
         if self.trainer.rounds_done == 0 and latest.is_file():
-            self.trainer.load(latest)
+            self._load(latest)
             log.info("client %d: restored round %d from %s", self.cid, self.trainer.rounds_done,
                      latest)
 
@@ -289,12 +301,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     worker = SiteWorker(cfg, args.cid, device=args.device)
     try:
         serve(worker, args.address, secret)
-    except KeyboardInterrupt:
+    except (KeyboardInterrupt, SystemExit):  # Ctrl-C, SIGTERM (the handler above)
         pass
     finally:
         worker.close()
     return 0
 
 
+def exit_now(code: int) -> None:
+    """Exit without the interpreter's teardown: once :meth:`SiteWorker.close` has flushed
+    what the trainer writes, collecting torch's objects at exit only delays the end (seconds
+    on a loaded machine, longer than the launcher's SIGKILL grace)."""
+    logging.shutdown()
+    sys.stdout.flush()
+    sys.stderr.flush()
+    os._exit(code)
+
+
 if __name__ == "__main__":
-    sys.exit(main())
+    exit_now(main())

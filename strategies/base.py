@@ -36,6 +36,7 @@ from networks.groups import select_keys
 
 from .aggregation import mean_metrics, weighted_mean
 from .deadlines import DeadlineGrid, RoundClock
+from .errors import SITE_REFUSED, RunStopped
 from .reporting import RunReporter
 
 log = logging.getLogger("fedicra.server")
@@ -58,8 +59,8 @@ def screen_replies(server_round: int, replies: Sequence[Tuple[Dict[str, float], 
     """Indices of the replies fit to aggregate, and why each other one is refused.
 
     A reply is refused when its site reports a diverged round (``diverged`` metric) or when
-    any of its numbers (metrics or arrays) is NaN or infinite. Raises RuntimeError when no
-    reply is left: every client diverged and the run cannot go on.
+    any of its numbers (metrics or arrays) is NaN or infinite. Raises :class:`RunStopped`
+    when no reply is left: every client diverged and the run cannot go on.
     """
     kept: List[int] = []
     refused: Dict[int, str] = {}
@@ -77,7 +78,7 @@ def screen_replies(server_round: int, replies: Sequence[Tuple[Dict[str, float], 
         log.warning("round %d: update of client %d refused: %s", server_round,
                     int(replies[i][0].get("cid", i)), reason)
     if not kept:
-        raise RuntimeError(f"round {server_round}: every client diverged, so no update is left "
+        raise RunStopped(f"round {server_round}: every client diverged, so no update is left "
                            "to aggregate; the run stops (lower --base_lr, or check the data); "
                            "the last good round is on disk")
     return kept, refused
@@ -367,8 +368,11 @@ class PersonalizedStrategy(Strategy):
         A node that answered with an error, or not at all within the round deadline, is
         missing: logged with its client id and the reason, and listed in :attr:`missing`; the
         phase goes on without it. Fewer than ``minimum`` answers (default ``min_fit``, the
-        ``min_fit_clients`` key) raise RuntimeError: the run stops, and its last completed
-        round stays on disk (``global/latest.pt``, ``client<k>/latest.pt``).
+        ``min_fit_clients`` key) raise :class:`RunStopped`: the run stops, and its last
+        completed round stays on disk (``global/latest.pt``, ``client<k>/latest.pt``). So
+        does a site that says it can take part in no round of this run
+        (:data:`~strategies.errors.SITE_REFUSED`, e.g. its checkpoint is of another run):
+        going on without it would leave it out of every round.
         """
         replies = list(replies)
         sent = self.clock.sent if self.clock.sent is not None else range(self._sent)
@@ -410,9 +414,17 @@ class PersonalizedStrategy(Strategy):
                    f"node {node} (client not known yet)" if node >= 0 else "a node")
             self.missing[who] = reason
             log.warning("round %d %s: %s is missing: %s", server_round, phase, who, reason)
+        refused = {who: reason for who, reason in self.missing.items() if SITE_REFUSED in reason}
+        if refused:
+            why = "; ".join(f"{who}: {reason}" for who, reason in refused.items())
+            raise RunStopped(
+                f"round {server_round} {phase}: {why}. It would miss every round, so the run "
+                "stops; its last completed round is on disk (global/latest.pt, "
+                "client<k>/latest.pt): put the site's own checkpoint back, or delete it to "
+                "have the site start again from the initial model, then --resume")
         if len(contents) < minimum:
             why = "; ".join(f"{who}: {reason}" for who, reason in self.missing.items())
-            raise RuntimeError(
+            raise RunStopped(
                 f"round {server_round} {phase}: {len(contents)} of {self.cfg.num_clients} "
                 f"clients answered, fewer than the {minimum} needed (min_fit_clients = "
                 f"{self.cfg.min_fit_clients}, 0: all but one) [{why or 'no reply'}]; the run "

@@ -17,6 +17,7 @@ from networks.checkpoint import as_arrays, run_meta
 from networks.factory import build_for_run
 
 from .base import LOCAL_ONLY_KEYS, to_record
+from .errors import quiet_run_stopped
 from .registry import strategy_class
 from .reporting import RunReporter
 from .resume import resume_point
@@ -43,6 +44,7 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> None:
     restore themselves from ``client<k>/latest.pt``, see :mod:`deployment.worker`).
     """
     ensure_progress_logging()
+    quiet_run_stopped()  # a run that stops says why in one line, without a traceback
     point = resume_point(cfg) if resume else None
     done = int(point["round"]) if point is not None else 0
     reporter = RunReporter(cfg.out_dir, cfg.rounds, run_meta(cfg, None), resume_round=done)

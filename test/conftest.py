@@ -13,7 +13,8 @@ from dataloaders.tasks import WEAK_FORM_KEYS, get_task
 
 REPO = Path(__file__).resolve().parents[1]
 
-#: The seed README's train command (its GPU ids are ignored without CUDA).
+#: The seed README's train command. Its GPU ids are refused where the machine lacks them, so
+#: a run adapts them as the README says (a bare ``--gpus`` after it: the CPU).
 SEED_TRAIN = ("--port 8097 --procedure flower_pCE_2D_GateCRFMsacleTreeEnergyLoss_Ours "
               "--exp faz/WeaklySeg_pCE --base_lr 0.01 --img_class faz --model unet_lc_multihead "
               "--gpus 0 1 2 3 4 5 --strategy FedICRA --alpha 1 --rep_iters 3").split()

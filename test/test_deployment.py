@@ -29,7 +29,7 @@ REPO = Path(__file__).resolve().parents[1]
 from conftest import SEED_TRAIN, free_base
 from deployment.channel import WorkerUnavailable, decode, encode, request
 from deployment.packing import pack_arrays, unpack_arrays
-from deployment.processes import PortBusyError, check_ports_free, group_members
+from deployment.processes import PortBusyError, check_ports_free, group_members, recorded_pids
 
 CLIENTS = 3
 
@@ -57,7 +57,7 @@ def alive(pid: int) -> bool:
 
 
 def assert_all_stopped(out_dir: Path) -> Dict[str, int]:
-    pids = json.loads((out_dir / "pids.json").read_text())
+    pids = recorded_pids(out_dir / "pids.json")
     expected = {"superlink", "flwr-run"} | {f"{kind}{k}" for k in range(CLIENTS)
                                             for kind in ("worker", "supernode", "appexec")}
     assert expected <= set(pids), f"pids.json lacks {expected - set(pids)}"
@@ -215,9 +215,9 @@ def test_output_folder_inside_the_app_must_be_ignored():
 @pytest.mark.slow
 def test_deployment_run_end_to_end(tmp_path, fed_data):
     base = free_base(2 * CLIENTS + 2)
-    # the seed README's train command as written, with paths, sizes and the port adapted
-    res = subprocess.run(runner(tmp_path, fed_data, base, 2, seed_flags=SEED_TRAIN), cwd=REPO,
-                         capture_output=True, text=True, timeout=300)
+    # the seed README's train command as written, with paths, sizes, port and GPU ids adapted
+    res = subprocess.run(runner(tmp_path, fed_data, base, 2, seed_flags=[*SEED_TRAIN, "--gpus"]),
+                         cwd=REPO, capture_output=True, text=True, timeout=300)
     out = tmp_path / "model" / "e2e"
     assert res.returncode == 0, res.stdout[-4000:] + res.stderr[-4000:]
     assert (out / "config.toml").is_file()
@@ -327,7 +327,9 @@ def test_fedavg_keeps_the_global_model_with_the_best_mean_validation(tmp_path, f
 def test_divergence_never_reaches_the_global_model_and_the_run_fails(tmp_path, fed_data):
     res, out = run_tiny(tmp_path, fed_data, 4, "nan", "--strategy", "FedAvg", "--base_lr", "1e30")
     assert res.returncode == 1, res.stdout[-4000:] + res.stderr[-4000:]
-    assert "every client diverged" in res.stdout
+    said = [line for line in res.stdout.splitlines() if "every client diverged" in line]
+    assert len(said) == 1 and "run stopped: round" in said[0], res.stdout[-4000:]
+    assert "Traceback" not in res.stdout + res.stderr, res.stdout[-4000:]  # one line, no trace
     import torch
 
     latest = out / "global" / "latest.pt"
@@ -342,10 +344,13 @@ def test_divergence_never_reaches_the_global_model_and_the_run_fails(tmp_path, f
     assert_all_stopped(out)
 
 
-def test_stop_ends_every_process_group_listed_in_pids_json(tmp_path):
-    """`flower_runner.py stop <run>` kills what a crashed runner left, children included."""
+def test_stop_ends_every_process_listed_in_a_pids_json_before_the_run_token(tmp_path):
+    """`flower_runner.py stop <run>` kills what a crashed runner of an earlier version left
+    (a pids.json of ``{name: pid}``), children included: the processes whose FLWR_HOME lies in
+    the run's folder (tests of the current pids.json: test/test_run_processes.py)."""
     script = "import subprocess, time; subprocess.Popen(['sleep', '300']); time.sleep(300)"
-    procs = [subprocess.Popen([sys.executable, "-c", script], start_new_session=True)
+    env = dict(os.environ, FLWR_HOME=str(tmp_path / "flwr_home" / "supernode0"))
+    procs = [subprocess.Popen([sys.executable, "-c", script], start_new_session=True, env=env)
              for _ in range(2)]
     try:
         (tmp_path / "pids.json").write_text(json.dumps({f"leftover{i}": p.pid
@@ -378,7 +383,7 @@ def test_children_die_with_a_killed_launcher(tmp_path):
         while not (tmp_path / "pids.json").is_file() or "sleeper" not in (tmp_path / "pids.json").read_text():
             assert time.monotonic() < deadline
             time.sleep(0.1)
-        pid = json.loads((tmp_path / "pids.json").read_text())["sleeper"]
+        pid = recorded_pids(tmp_path / "pids.json")["sleeper"]
         assert alive(pid)
         launcher.kill()
         launcher.wait(timeout=10)

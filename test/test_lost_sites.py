@@ -358,7 +358,9 @@ def run_and_act(cmd: List[str], out: Path, act, timeout: float = 300):
             csv_path = out / "metrics.csv"
             if csv_path.is_file() and sum(line.startswith("1,") for line in
                                           csv_path.read_text().splitlines()) >= CLIENTS:
-                act(json.loads((out / "pids.json").read_text()))
+                from deployment.processes import recorded_pids
+
+                act(recorded_pids(out / "pids.json"))
                 acted = True
             time.sleep(0.05)
         assert acted, "the run ended before round 1 was recorded"
@@ -425,6 +427,7 @@ def test_a_killed_worker_is_restarted_and_the_run_goes_on_without_it_meanwhile(
     missed = sorted(r for (r, k), v in marks.items() if k == 1 and v == "1")
     assert missed and missed[0] == 2, marks  # killed after round 1
     assert "worker1 (client 1) exited with code -9; restarting it (1 of 3)" in stdout
+    assert "client 1 missed round" in stdout  # the end-of-run summary says so
     assert re.search(r"site worker of client 1 (is not running|at \S+ closed the connection)",
                      stdout), stdout[-4000:]
     back = [r for (r, k), v in marks.items() if k == 1 and v == "0" and r > missed[0]]

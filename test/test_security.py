@@ -9,7 +9,6 @@ not match the SuperLink's (or that has none) fails within seconds naming the pro
 from __future__ import annotations
 
 import csv
-import json
 import socket
 import ssl
 import stat
@@ -188,7 +187,9 @@ def test_deployment_with_tls_and_supernode_auth_completes(tiny_federation, certs
     assert f"registered {clients} SuperNode public key(s)" in res.stdout
     link_log = (out / "logs" / "superlink.log").read_text()
     assert "running on https://" in link_log  # TLS, not --insecure
-    argv = json.loads((out / "pids.json").read_text())
+    from deployment.processes import recorded_pids
+
+    argv = recorded_pids(out / "pids.json")
     assert set(argv) >= {"superlink", "supernode0", "supernode1"}
     for k in range(clients):
         assert "SuperNode ID:" in (out / "logs" / f"supernode{k}.log").read_text()

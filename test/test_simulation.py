@@ -38,8 +38,8 @@ def test_simulation_run_writes_every_output_and_test_client_reads_them(tiny_fede
                  "--batch_size", "2", "--mode", "simulation", "--eval_every", "1", "--set", "base_channels=4",
                  "--set", "aux_channels=8", "--set", "ala_max_epochs=2", "--set", "tb_images_every=1",
                  "--port", str(free_base(1))]
-    run = subprocess.run([sys.executable, "flower_runner.py", *SEED_TRAIN, *overrides], cwd=REPO,
-                         capture_output=True, text=True, timeout=600)
+    run = subprocess.run([sys.executable, "flower_runner.py", *SEED_TRAIN, "--gpus", *overrides],
+                         cwd=REPO, capture_output=True, text=True, timeout=600)  # GPU ids: none
     assert run.returncode == 0, run.stdout[-3000:] + run.stderr[-3000:]
     assert "round 2/2 | clients 3/3" in run.stdout
     logs = " ".join(p.read_text() for p in (out_root / "faz" / "WeaklySeg_pCE" / "logs").glob("*.log"))
@@ -91,7 +91,6 @@ def test_simulation_run_writes_every_output_and_test_client_reads_them(tiny_fede
 
 @pytest.mark.slow
 def test_one_ctrl_c_stops_a_simulation_with_130_and_leaves_nothing(tiny_federation, tmp_path):
-    import json
     import signal
     import time
 
@@ -123,5 +122,7 @@ def test_one_ctrl_c_stops_a_simulation_with_130_and_leaves_nothing(tiny_federati
     assert "Traceback" not in stdout and "interrupted by SIGINT" in stdout
     assert took < 30, f"stopping took {took:.0f} s"
     assert not list(out.rglob("*.tmp")), "partial files left behind"
-    pids = json.loads((out / "pids.json").read_text())
+    from deployment.processes import recorded_pids
+
+    pids = recorded_pids(out / "pids.json")
     assert not [n for n, pid in pids.items() if group_members(pid)], "processes left running"

@@ -264,3 +264,29 @@ def test_a_checkpoint_of_another_model_names_the_file(tmp_path, data_root, caplo
     caplog.set_level(logging.INFO, logger="fedicra.test")
     assert run_test(cfg, "--client", "client0") == 2
     assert f"{path} does not fit the model" in caplog.text and "Traceback" not in caplog.text
+
+
+def test_a_copied_run_folder_is_scored_where_it_is(tmp_path, data_root):
+    """Issue 19, finding 5: ``--exp pk`` on a copy of run ``fake/run`` followed the ``exp`` in
+    the copy's config.toml, so it scored, and wrote into, the original folder."""
+    import shutil
+
+    cfg = make_run(tmp_path, data_root, "FedBN", exp="fake/run")
+    copy = tmp_path / "model" / "pk"
+    shutil.copytree(cfg.out_dir, copy)
+    # the copy's personal models segment everything, the original's nothing: the scores say
+    # which checkpoints were read
+    for cid in range(cfg.num_clients):
+        path = copy / f"client{cid}" / "best.pt"
+        state = torch.load(path, weights_only=True)
+        state["model"] = _forced(build_for_run(cfg, site=cid), foreground=True).state_dict()
+        save_atomic(state, path)
+    original = {p: p.stat().st_mtime_ns for p in cfg.out_dir.rglob("*")}
+    assert tc.main(["--exp", "pk", "--out_root", str(tmp_path / "model"), "--device", "cpu",
+                    "--no_images", "--client", "all"]) == 0
+    rows = read_csv(copy / "test" / "result.csv")
+    assert len(rows) == sum(TEST_CASES) and all(float(r["dice"]) > 0 for r in rows)
+    assert {r["run"] for r in rows} == {str(copy.resolve())}
+    assert (copy / "test" / "mean_std_result.csv").is_file()
+    assert not (cfg.out_dir / "test").exists(), "results were written into the original"
+    assert {p: p.stat().st_mtime_ns for p in cfg.out_dir.rglob("*")} == original
