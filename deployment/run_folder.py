@@ -293,14 +293,7 @@ def claim_existing(out_dir: Path, exp: str) -> RunLock:
     out_dir = Path(out_dir)
     refuse_live(out_dir)
     lock = RunLock.acquire(out_dir, "run")
-    try:
-        refuse_live(out_dir, run=False)
-        if read_marker(out_dir) is None:
-            write_marker(out_dir, exp)
-    except BaseException:
-        lock.release()
-        raise
-    return lock
+    return _mark_holding(lock, out_dir, exp, lambda: refuse_live(out_dir, run=False))
 
 
 def claim_site(out_dir: Path, exp: str, cid: int) -> RunLock:
@@ -323,7 +316,14 @@ def claim_site(out_dir: Path, exp: str, cid: int) -> RunLock:
             f"{out_dir} holds {', '.join(p.name for p in old[:4])} but no {MARKER} marker, so "
             "no run of this project made it; give this site another --out_root")
     lock = RunLock.acquire(out_dir / f"site{cid}", "site")
+    return _mark_holding(lock, out_dir, exp)
+
+
+def _mark_holding(lock: "RunLock", out_dir: Path, exp: str, check=lambda: None) -> "RunLock":
+    """Under ``lock``: ``check()``, then the marker where the folder lacks one; the lock is
+    released when either fails, else returned."""
     try:
+        check()
         if read_marker(out_dir) is None:
             write_marker(out_dir, exp)
     except BaseException:
