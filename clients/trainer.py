@@ -375,8 +375,9 @@ class SiteTrainer:
         (``validate-global``), of the received global ``arrays``. A rule that validates another
         model (:meth:`clients.rules.base.LocalRule.final_validation`) scores that one."""
         config = config or {}
+        shared = self.keys(_groups(config, "share-include"), _groups(config, "share-exclude")) \
+            if arrays else []
         if arrays:
-            shared = self.keys(_groups(config, "share-include"), _groups(config, "share-exclude"))
             own = self.rule.final_validation(self, arrays, shared,
                                              int(config.get("server-round", self.rounds_done)))
             if own is not None:
@@ -386,7 +387,6 @@ class SiteTrainer:
         metrics = {"val_dice": score, "num-examples": float(len(self.val_set)), "cid": float(self.cid)}
         metrics.update({f"val_dice_{k}": v for k, v in per_target.items()})
         if config.get("validate-global") and arrays:
-            shared = self.keys(_groups(config, "share-include"), _groups(config, "share-exclude"))
             metrics.update(self.validate_global(arrays, shared))
         return metrics
 
