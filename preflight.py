@@ -29,28 +29,27 @@ def check_names(cfg: RunConfig) -> None:
     """Task, strategy, network, objective and parameter groups exist and fit each other."""
     from dataloaders.tasks import get_task
     from losses.objective import PROCEDURES, resolve_procedure
-    from networks.groups import CROSS_GROUPS, PARTITION_GROUPS
-    from networks.registry import network_names
-    from strategies.registry import strategy_class
+    from networks.registry import network_info, network_names
 
-    for key, lookup in (("img_class", get_task), ("strategy", strategy_class),
-                        ("procedure", resolve_procedure)):
+    for key, lookup in (("img_class", get_task), ("procedure", resolve_procedure)):
         try:
             lookup(getattr(cfg, key))
         except ValueError as err:
             _fail(key, str(err))
     if cfg.model not in network_names():
         _fail("model", f"unknown network {cfg.model!r}; expected one of {', '.join(network_names())}")
-    strategy = strategy_class(cfg.strategy)
-    if cfg.ft_iters and not getattr(strategy, "fine_tunes", False):
-        _fail("ft_iters", f"{cfg.ft_iters}: only FT fine-tunes after the last round; "
+    network = network_info(cfg.model)  # what the network declared at its registration
+    strategy = cfg.method  # the strategy name was resolved when the configuration was built
+    ft_iters = cfg.ignored_keys.get("ft_iters", 0)
+    if ft_iters and not strategy.fine_tunes:
+        _fail("ft_iters", f"{ft_iters}: only FT fine-tunes after the last round; "
                           f"{strategy.name} would ignore it (set ft_iters = 0, or --strategy FT)")
-    if cfg.model.endswith("_calib") and not getattr(strategy, "calibrates", False):
+    if network.calibration_head and not strategy.calibrates:
         _fail("model", f"{cfg.model!r} carries FedLC's calibration head, which only FedLC trains "
-                       f"and deploys; use it with --strategy FedLC, or {cfg.model[:-6]!r} with "
-                       f"{strategy.name}")
-    refuses = getattr(strategy, "refuses", None)  # a method's own refusals: (key, reason)
-    problem = refuses(cfg) if refuses is not None else None
+                       f"and deploys; use it with --strategy FedLC"
+                       + (f", or {network.uncalibrated!r} with {strategy.name}"
+                          if network.uncalibrated else ""))
+    problem = strategy.refusal(cfg)  # a method's own refusals: (key, reason)
     if problem:
         _fail(problem[0], f"{problem[1]} (strategy {strategy.name})")
     task = get_task(cfg.img_class, cfg.root_path)  # a synthetic task: the sites of its data
@@ -60,26 +59,30 @@ def check_names(cfg: RunConfig) -> None:
         _fail("num_clients", f"{cfg.num_clients} clients but task {task.name!r} has "
                              f"{task.num_sites} sites (one client per site{more})")
     terms = PROCEDURES[resolve_procedure(cfg.procedure)]
-    if "tree" in terms and cfg.lambda_tree != 0 and "multihead" not in cfg.model:
+    if "tree" in terms and cfg.lambda_tree != 0 and not network.aux_heads:
         _fail("procedure", f"{cfg.procedure!r} has the tree energy term, which needs a network "
-                           f"with auxiliary heads (*_multihead), not {cfg.model!r}")
-    if terms == {"pce", "sc"} and "_lc" not in cfg.model:
+                           f"with auxiliary heads ({_networks_with('aux_heads')}), "
+                           f"not {cfg.model!r}")
+    if terms == {"pce", "sc"} and not network.site_gates:
         # (the full objective skips its site term on a network without gates, by design)
         _fail("procedure", f"{cfg.procedure!r} is pCE plus the site-contrastive term, which "
-                           f"needs a network with site gates (unet_lc*), not {cfg.model!r}")
-    multiple = 32 if cfg.model == "efficient_unet" else 16
+                           f"needs a network with site gates ({_networks_with('site_gates')}), "
+                           f"not {cfg.model!r}")
     size = cfg.img_size or task.image_size
-    if size % multiple:
-        _fail("img_size", f"{size} px: network {cfg.model!r} needs a multiple of {multiple}")
-    groups = [g for g in cfg.ala_groups.split(",") if g]
-    unknown = [g for g in groups if g not in PARTITION_GROUPS + CROSS_GROUPS]
-    if unknown or not groups:
-        _fail("ala_groups", f"{cfg.ala_groups!r}: expected a comma-separated list of "
-                            f"{', '.join(PARTITION_GROUPS + CROSS_GROUPS)}")
+    if size % network.size_multiple:
+        _fail("img_size", f"{size} px: network {cfg.model!r} needs a multiple of "
+                          f"{network.size_multiple}")
     try:
         check_exp_inside(cfg.exp_name)
     except ValueError as err:
         _fail("exp", str(err))
+
+
+def _networks_with(capability: str) -> str:
+    """Registered networks that declare ``capability`` (a :class:`NetworkInfo` field)."""
+    from networks.registry import network_info, network_names
+
+    return ", ".join(n for n in network_names() if getattr(network_info(n), capability))
 
 
 def check_gpus(gpus: Sequence[int]) -> None:
@@ -89,9 +92,9 @@ def check_gpus(gpus: Sequence[int]) -> None:
         _fail("gpus", f"GPU ids must be >= 0, got {bad}")
     if not gpus:
         return
-    import torch
+    from configs.devices import available_gpus
 
-    count = torch.cuda.device_count() if torch.cuda.is_available() else 0
+    count = len(available_gpus())
     missing = [g for g in gpus if g >= count]
     if missing and not count:
         _fail("gpus", f"GPU ids {missing} do not exist: this machine has no CUDA GPU "

@@ -24,6 +24,7 @@ import torch
 from torch import nn
 
 from configs import load_config
+from configs.devices import pick_device
 from dataloaders.dataset import SiteDataset
 from dataloaders.tasks import get_task
 from clients.evaluation import predict
@@ -81,15 +82,9 @@ def save_outputs(folder: Path, case: str, image: np.ndarray, pred: np.ndarray,
 
 
 def deployed_model(cfg) -> str:
-    """What the run's strategy hands its sites: ``'global'`` (one model for every site) or
-    ``'personal'`` (each site's own), from the strategy class's ``deploys`` attribute."""
-    from strategies.registry import strategy_class
-
-    deploys = getattr(strategy_class(cfg.strategy), "deploys", "personal")
-    if deploys not in ("global", "personal"):
-        raise ValueError(f"strategy {cfg.strategy}: deploys must be 'global' or 'personal', "
-                         f"got {deploys!r}")
-    return deploys
+    """What the run's method hands its sites: ``'global'`` (one model for every site) or
+    ``'personal'`` (each site's own), as its registry entry declares."""
+    return cfg.method.deploys
 
 
 def checkpoint_path(cfg, cid: int, checkpoint: str, deploys: str) -> Path:
@@ -358,7 +353,7 @@ def main(argv: Optional[List[str]] = None) -> int:
             if not 0 <= cid < cfg.num_clients:
                 raise ValueError(f"client {cid} out of range: the run has {cfg.num_clients} clients")
         out = Path(args.output) if args.output else cfg.out_dir / "test"
-        device = torch.device(args.device or ("cuda" if torch.cuda.is_available() else "cpu"))
+        device = pick_device(args.device)
         rows: List[Dict[str, object]] = []
         for cid in clients:
             rows += test_client(cfg, cid, args.root_path or cfg.root_path, args.checkpoint, out,

@@ -47,7 +47,9 @@ are combined by averaging each test case's Dice over the seeds first; the pairs 
 test cases. All-zero differences give p = 1; cases whose Dice is undefined are left out.
 
 A method (and seed) whose test results are already in ``DIR`` is skipped, so an interrupted
-comparison resumes where it stopped (a half-finished run is trained again from the start).
+comparison resumes where it stopped: a half-finished federated run of the same configuration
+continues after its last completed round (``flower_runner.py --resume``), one whose training
+ended is only tested; any other half-finished run is trained again from the start.
 """
 from __future__ import annotations
 
@@ -62,6 +64,8 @@ import time
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Dict, List, Mapping, Optional, Sequence, Tuple
+
+from methods.registry import get_method, method_names
 
 REPO = Path(__file__).resolve().parents[1]
 log = logging.getLogger("fedicra.compare")
@@ -83,29 +87,28 @@ class Method:
 
 
 def full_objective_settings() -> Dict[str, object]:
-    """FedICRA's network and objective (its strategy defaults), for the FedAvg ablation row."""
-    from strategies.registry import strategy_class
-
-    defaults = strategy_class("FedICRA").defaults
-    return {"model": defaults["model"], "procedure": defaults["procedure"]}
+    """FedICRA's network and objective (its registered defaults), for the FedAvg ablation row."""
+    fedicra = get_method("FedICRA")
+    return {"model": fedicra.model, "procedure": fedicra.procedure}
 
 
 def all_methods() -> List[Method]:
-    """The rows of the paper's comparison in its order, FedICRA first, then the ablation.
+    """The rows of the paper's comparison in its order, FedICRA first, then any other
+    registered method (by name), then the ablation.
 
     Methods that are not registered (yet) are left out with a warning.
     """
-    from strategies.registry import strategy_names
-
     names = ["FedICRA", "FedICRA-ref", "FedAvg", "FT", "FedProx", "FedBN", "FedAP", "FedRep", "MetaFed",
              "FedALA", "FedLC", "Local", "CT-weak", "CT-full"]
-    known = {n.lower(): n for n in strategy_names()}
+    known = {n.lower(): n for n in method_names()}
     rows = []
     for name in names:
         if name.lower() in known:
             rows.append(Method(name, known[name.lower()]))
         else:
             log.warning("method %s is not registered; left out of the comparison", name)
+    listed = {n.lower() for n in names}
+    rows += [Method(n, n) for n in method_names() if n.lower() not in listed]  # added methods
     rows.append(Method("FedAvg + full objective", "FedAvg", full_objective_settings(),
                        short="FedAvg+full"))
     return rows
@@ -220,20 +223,63 @@ def test_command(args: argparse.Namespace, method: Method, seed: Optional[int] =
     return cmd
 
 
+def resumable_round(train: List[str], folder: Path) -> Optional[int]:
+    """The last completed round of an interrupted run in ``folder`` that ``train`` (the fresh
+    command) would train the same way, so that ``--resume`` continues it; None when there is
+    no such run (no completed round, another configuration, a centralised method), -1 when its
+    training has finished (only the test is missing)."""
+    from configs import load_config
+    from configs.layers import absolute_paths, resolve_layers
+    from configs.schema import LOCAL_ONLY_KEYS
+    from flower_runner import parse_args
+    from strategies.resume import global_latest, resume_point
+
+    snapshot = folder / "config.toml"
+    if not snapshot.is_file() or not global_latest(folder).is_file():
+        return None
+    try:
+        saved = load_config(snapshot)
+        wanted = absolute_paths(resolve_layers(parse_args(train[2:]))[0])
+    except (ValueError, OSError):
+        return None
+    differs = sorted(k for k, v in wanted.to_dict().items()
+                     if k not in LOCAL_ONLY_KEYS and saved.to_dict().get(k) != v)
+    if differs or not saved.method.federated:
+        if differs:
+            log.info("%s: the interrupted run was configured otherwise (%s): trained again",
+                     folder, ", ".join(differs))
+        return None
+    try:
+        return int(resume_point(saved)["round"])
+    except ValueError as err:
+        return -1 if "has finished" in str(err) else None
+
+
 def run_method(args: argparse.Namespace, method: Method, seed: Optional[int] = None
                ) -> Dict[str, object]:
     """Train and test ``method`` (with ``seed``, one of several); the run's output goes to
-    ``runs/<folder>.log``."""
+    ``runs/<folder>.log``. An interrupted federated run of the same configuration continues
+    after its last completed round (``flower_runner.py --resume``); one whose training ended
+    is only tested."""
     from deployment.processes import free_port_base
 
     folder = run_dir(Path(args.out), method, seed)
     folder.parent.mkdir(parents=True, exist_ok=True)
     log_path = folder.parent / f"{folder.name}.log"
-    train = train_command(args, method, free_port_base(4 + 2 * (args.num_clients or 5)), seed)
-    test = test_command(args, method, seed)
+    port = free_port_base(4 + 2 * (args.num_clients or 5))
+    train = train_command(args, method, port, seed)
+    done = resumable_round(train, folder)
+    steps = [("testing", test_command(args, method, seed))]
+    if done is None:
+        steps.insert(0, ("training", train))
+    elif done > 0:
+        log.info("%s: resuming after round %d", folder.name, done)
+        steps.insert(0, ("training", [sys.executable, "flower_runner.py", "--resume",
+                                      str(folder.resolve()), "--port", str(port)]))
     start = time.perf_counter()
-    with open(log_path, "w") as logf:
-        for step, cmd in (("training", train), ("testing", test)):
+    train_seconds = 0.0
+    with open(log_path, "a" if done else "w") as logf:
+        for step, cmd in steps:
             logf.write("$ " + " ".join(cmd) + "\n")
             logf.flush()
             began = time.perf_counter()
@@ -245,9 +291,11 @@ def run_method(args: argparse.Namespace, method: Method, seed: Optional[int] = N
                 train_seconds = time.perf_counter() - began
     record = {"method": method.label, "strategy": method.strategy,
               "settings": dict(method.settings), "train_command": " ".join(train[1:]),
-              "test_command": " ".join(test[1:]), "train_seconds": train_seconds,
+              "test_command": " ".join(steps[-1][1][1:]), "train_seconds": train_seconds,
               "total_seconds": time.perf_counter() - start,
               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
+    if done:
+        record["resumed_after_round"] = done  # the times above cover this call only
     if seed is not None:
         record["seed"] = seed
     (folder / "compare.json").write_text(json.dumps(record, indent=2))
@@ -406,12 +454,10 @@ def validation_curve(out: Path, method: Method, seed: Optional[int] = None) -> D
     (``ala_validate_blend``, FedICRA-ref: ``val_dice_blend``). Centralised runs log one row per site per validation; the pooled row (client -1) is
     skipped. FT's fine-tuning appears as round ``rounds + 1``.
     """
-    from strategies.registry import strategy_class
-
     folder = result_dir(out, method, seed) or run_dir(out, method, seed)
     rows = read_csv(folder / "metrics.csv")
-    is_global = strategy_class(method.strategy).deploys == "global" and \
-        getattr(strategy_class(method.strategy), "federated", True)
+    entry = get_method(method.strategy)
+    is_global = entry.deploys == "global" and entry.federated
     by_round: Dict[int, List[float]] = {}
     for r in rows:
         if r.get("client") in ("-1", "", None):

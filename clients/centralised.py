@@ -37,7 +37,6 @@ learning rate per step, validation Dice per round, predictions), ``global/latest
 from __future__ import annotations
 
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Any, Dict, List, Optional, Sequence, Tuple
@@ -48,33 +47,22 @@ from torch import Tensor
 from torch.utils.data import Dataset
 
 from configs import RunConfig
+from configs.devices import pick_device
 from configs.metrics_csv import append_rows, start_file
 from dataloaders.dataset import InfiniteBatches, SiteDataset
 from dataloaders.tasks import get_task
-from losses.objective import ObjectiveConfig, WeakObjective
+from losses.objective import WeakObjective
 from networks.checkpoint import run_meta, save_atomic
 from networks.factory import build_for_run
 
-from .evaluation import predict
 from .trainer import batch_to
 from .evaluation import validate as validate_site
-from .overlay import overlay
-from .trainer import poly_lr, resolve_device
+from .steps import StepTrainer, objective_config
 
 log = logging.getLogger("fedicra.central")
 
 #: Stream and seed index of the centralised trainer (sites use their client id, < 100).
 CENTRAL_ID = 999
-
-
-def objective_config(cfg: RunConfig) -> ObjectiveConfig:
-    """The objective of run ``cfg`` (the same keys the sites read)."""
-    return ObjectiveConfig(
-        procedure=cfg.procedure, lambda_tree=cfg.lambda_tree, lambda_crf=cfg.lambda_crf,
-        alpha=cfg.alpha, sigma_low=cfg.tree_sigma_low, sigma_high=cfg.tree_sigma_high,
-        crf_sigma_xy=cfg.crf_sigma_xy, crf_sigma_rgb=cfg.crf_sigma_rgb,
-        crf_radius=cfg.crf_radius, crf_downsample=cfg.crf_downsample,
-        tree_gray_as_rgb=cfg.tree_gray_as_rgb, sc_grad=cfg.sc_grad)
 
 
 class PooledSites(Dataset):
@@ -122,7 +110,7 @@ class PooledSites(Dataset):
         return self.sample(index)
 
 
-class CentralTrainer:
+class CentralTrainer(StepTrainer):
     """One model on the pooled training sets of sites ``0 .. num_clients - 1``.
 
     Parameters
@@ -140,7 +128,7 @@ class CentralTrainer:
         if not 1 <= cfg.num_clients <= self.task.num_sites:
             raise ValueError(f"num_clients = {cfg.num_clients}: task {self.task.name!r} has "
                              f"{self.task.num_sites} sites to pool")
-        self.device = resolve_device(device)
+        self.device = pick_device(device)
         self.sites = list(range(cfg.num_clients))
         common = dict(task=self.task, val_fraction=cfg.val_fraction, seed=cfg.seed)
         self.train_sets = [SiteDataset(cfg.root_path, site=s, split="train",
@@ -164,38 +152,28 @@ class CentralTrainer:
         self.best_round = 0
         self._writer = None
 
+    #: seed index of the steps (sites use their client id)
+    stream_id = CENTRAL_ID
+
     # ------------------------------------------------------------------ plumbing
     @property
     def out_dir(self) -> Path:
         return self.cfg.out_dir
 
     @property
-    def writer(self):
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
-
-            self._writer = SummaryWriter(str(self.out_dir / "tb" / "server"))
-        return self._writer
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+    def tb_dir(self) -> Path:
+        return self.out_dir / "tb" / "server"
 
     @property
     def step_cases(self) -> int:
         """Pooled cases drawn per step: ``num_clients * batch_size`` (``ct_batch =
         "federation"``, what the federation trains on in one step) or ``batch_size``
         (``"site"``, the reference's budget)."""
-        if self.cfg.ct_batch == "federation":
+        if self.cfg.params.ct_batch == "federation":
             return self.cfg.num_clients * self.cfg.batch_size
-        if self.cfg.ct_batch == "site":
+        if self.cfg.params.ct_batch == "site":
             return self.cfg.batch_size
-        raise ValueError(f"ct_batch = {self.cfg.ct_batch!r}: expected \"federation\" or \"site\"")
-
-    def new_optimizer(self) -> torch.optim.Optimizer:
-        return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.base_lr,
-                                 weight_decay=self.cfg.weight_decay)
+        raise ValueError(f"ct_batch = {self.cfg.params.ct_batch!r}: expected \"federation\" or \"site\"")
 
     def to_device(self, image: Tensor, label: Tensor) -> Tuple[Tensor, Tensor]:
         """A batch on the device, resized to ``img_size`` when one is set (as the sites do)."""
@@ -210,63 +188,36 @@ class CentralTrainer:
                 "case": list(batch["case"])}
 
     # ------------------------------------------------------------------ training
-    def loss(self, batch: Dict[str, Any]) -> Tuple[Tensor, Dict[str, float]]:
+    def loss(self, batch: Dict[str, Any]) -> Tuple[Tensor, Dict[str, object]]:
         """The objective on one pooled batch: one pass for networks without site codes, else
-        one pass per site present (own code), weighted by its share of the batch."""
+        one pass per site present (own code), weighted by its share of the batch. The terms
+        end with ``total``, a detached 0-d tensor left on the device."""
         image, label, sites = batch["image"], batch["label"], batch["site"]
         num_sites = self.cfg.num_clients
         if not self.site_coded:
             result = self.objective(self.model, self.model(image), image, label, site=0,
                                     num_sites=num_sites)
-            return result.total, dict(result.terms)
-        total: Optional[Tensor] = None
-        terms: Dict[str, float] = {}
-        for site in sorted(set(sites)):
-            rows = torch.tensor([i for i, s in enumerate(sites) if s == site], device=image.device)
-            share = len(rows) / len(sites)
-            part_image, part_label = image.index_select(0, rows), label.index_select(0, rows)
-            result = self.objective(self.model, self.model(part_image, site=site), part_image,
-                                    part_label, site=site, num_sites=num_sites)
-            total = result.total * share if total is None else total + result.total * share
-            for key, value in result.terms.items():
-                terms[key] = terms.get(key, 0.0) + float(value) * share
+            total, terms = result.total, dict(result.terms)
+        else:
+            total, terms = None, {}
+            for site in sorted(set(sites)):
+                rows = torch.tensor([i for i, s in enumerate(sites) if s == site],
+                                    device=image.device)
+                share = len(rows) / len(sites)
+                part_image, part_label = image.index_select(0, rows), label.index_select(0, rows)
+                result = self.objective(self.model, self.model(part_image, site=site), part_image,
+                                        part_label, site=site, num_sites=num_sites)
+                total = result.total * share if total is None else total + result.total * share
+                for key, value in result.terms.items():
+                    terms[key] = terms.get(key, 0.0) + float(value) * share
+        terms["total"] = total.detach()
         return total, terms
 
     def train_round(self, server_round: int) -> Dict[str, float]:
         """``iters`` optimiser steps; the mean of every loss term and the last learning rate."""
         if self.cfg.reset_optimizer:
             self.optimizer = self.new_optimizer()
-        self.model.train()
-        sums: Dict[str, float] = {}
-        lr = self.cfg.base_lr
-        for _ in range(self.cfg.iters):
-            lr = poly_lr(self.cfg.base_lr, self.step, self.total_steps)
-            for group in self.optimizer.param_groups:
-                group["lr"] = lr
-            batch = self.next_batch()
-            torch.manual_seed(self.cfg.seed * 1_000_003 + CENTRAL_ID * 10_007 + self.step)
-            loss, terms = self.loss(batch)
-            terms["total"] = float(loss.detach())
-            self.optimizer.zero_grad(set_to_none=True)
-            loss.backward()
-            self.optimizer.step()
-            self.step += 1
-            for key, value in terms.items():
-                sums[key] = sums.get(key, 0.0) + value
-                self.writer.add_scalar(f"loss/{key}", value, self.step)
-            self.writer.add_scalar("lr", lr, self.step)
-        metrics = {k: v / self.cfg.iters for k, v in sums.items()}
-        metrics["lr"] = lr
-        return metrics
-
-    def divergence(self, metrics: Dict[str, float]) -> str:
-        """Why training cannot go on ('' when losses and model are finite)."""
-        bad = sorted(k for k, v in metrics.items() if not math.isfinite(float(v)))
-        if bad:
-            return f"non-finite loss terms {', '.join(bad)}"
-        tensors = [n for n, t in self.model.state_dict().items()
-                   if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        return f"non-finite model values in {len(tensors)} tensors" if tensors else ""
+        return self.run_steps(self.cfg.iters, self.loss)
 
     # ------------------------------------------------------------------ validation, checkpoints
     def validate(self) -> Dict[int, float]:
@@ -294,31 +245,16 @@ class CentralTrainer:
     def log_predictions(self, server_round: int, count: int = 2) -> None:
         """TensorBoard: the first ``count`` validation cases of every site with the truth."""
         for site, data in zip(self.sites, self.val_sets):
-            samples = [data.sample(i) for i in range(min(count, len(data)))]
-            if not samples:
-                continue
-            image = torch.stack([s["image"] for s in samples]).to(self.device)
-            pred = predict(self.model, image, site, self.cfg.img_size).cpu().numpy()
-            pictures = [overlay(s["image"].numpy(), p, s.get("mask", s["label"]).numpy(),
-                                self.task.num_classes) for s, p in zip(samples, pred)]
-            self.writer.add_images(f"val/prediction_and_truth_contour_client{site}",
-                                   np.stack(pictures), server_round, dataformats="NHWC")
+            self.log_site_predictions(f"val/prediction_and_truth_contour_client{site}", data,
+                                      site, server_round, count)
 
 
 # ---------------------------------------------------------------------- the run
-def _device_of(cfg: RunConfig) -> str:
-    if cfg.gpus and torch.cuda.is_available():
-        return f"cuda:{cfg.gpus[0]}"
-    if cfg.gpus:
-        log.warning("--gpus %s given but CUDA is not available: training on the CPU", cfg.gpus)
-        return "cpu"
-    return ""
-
-
 def run_centralised(cfg: RunConfig, device: Optional[str] = None) -> int:
     """Train run ``cfg`` centrally into ``cfg.out_dir``; 0 on success, 1 when training
     diverged (the best model so far stays in ``global/best.pt``)."""
-    trainer = CentralTrainer(cfg, _device_of(cfg) if device is None else device)
+    trainer = CentralTrainer(cfg, pick_device(gpus=cfg.gpus, logger=log)
+                             if device is None else device)
     csv_path = trainer.out_dir / "metrics.csv"
     start_file(csv_path)
     sizes = ", ".join(f"site {s}: {len(d)}" for s, d in zip(trainer.sites, trainer.train_sets))
@@ -327,7 +263,7 @@ def run_centralised(cfg: RunConfig, device: Optional[str] = None) -> int:
              "site codes %s, %d cases a step (ct_batch = %s)", cfg.strategy, trainer.device,
              len(trainer.pooled), sizes, forms,
              "per case (own site)" if trainer.site_coded else "unused by the network",
-             trainer.step_cases, cfg.ct_batch)
+             trainer.step_cases, cfg.params.ct_batch)
     start = time.perf_counter()
     try:
         for server_round in range(1, cfg.rounds + 1):

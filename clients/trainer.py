@@ -7,7 +7,6 @@ from __future__ import annotations
 
 import copy
 import logging
-import math
 import time
 from pathlib import Path
 from typing import Callable, Dict, Iterable, Mapping, Optional, Tuple
@@ -18,28 +17,21 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from configs import RunConfig
+from configs.devices import pick_device
 from dataloaders.dataset import InfiniteBatches, PrefetchBatches, SiteDataset
 from dataloaders.tasks import get_task
-from losses.objective import ObjectiveConfig, WeakObjective
+from losses.objective import WeakObjective
 from networks.checkpoint import copy_atomic, load_checkpoint, run_meta, save_atomic
 from networks.factory import build_for_run
 from networks.groups import select_keys
 from networks.outputs import SegOutput
 
 from .evaluation import validate
-from .overlay import overlay
-from .registry import build_rule
+from .steps import StepTrainer, objective_config, poly_lr  # noqa: F401 - poly_lr: clients.trainer.poly_lr
 
 log = logging.getLogger("fedicra.client")
 
 Batch = Dict[str, Tensor]
-
-
-def resolve_device(requested: str = "") -> torch.device:
-    """``requested`` if given, else the first visible CUDA device, else the CPU."""
-    if requested:
-        return torch.device(requested)
-    return torch.device("cuda" if torch.cuda.is_available() else "cpu")
 
 
 def _groups(config: Mapping[str, object], key: str) -> list:
@@ -78,12 +70,7 @@ def float32_output(out: SegOutput) -> SegOutput:
                      decoder_features=f32(out.decoder_features))
 
 
-def poly_lr(base_lr: float, step: int, total: int, power: float = 0.9) -> float:
-    """``base_lr * (1 - step/total) ** power``, clamped at 0 past the budget."""
-    return base_lr * max(0.0, 1.0 - step / max(total, 1)) ** power
-
-
-class SiteTrainer:
+class SiteTrainer(StepTrainer):
     """Trainer of client ``cid`` (site index = client id).
 
     Parameters
@@ -105,7 +92,7 @@ class SiteTrainer:
                 f"client id {cid} out of range: num_clients={cfg.num_clients}, "
                 f"task {self.task.name!r} has {self.task.num_sites} sites"
             )
-        self.device = resolve_device(device)
+        self.device = pick_device(device)
         form = cfg.label_form or None
         common = dict(task=self.task, site=cid, val_fraction=cfg.val_fraction, seed=cfg.seed)
         self.train_set = SiteDataset(cfg.root_path, split="train", label_form=form, augment=True,
@@ -113,18 +100,13 @@ class SiteTrainer:
                                      **common)
         self.val_set = SiteDataset(cfg.root_path, split="val", **common)
         self.model = build_for_run(cfg, cid).to(self.device)
-        self.objective = WeakObjective(ObjectiveConfig(
-            procedure=cfg.procedure, lambda_tree=cfg.lambda_tree, lambda_crf=cfg.lambda_crf,
-            alpha=cfg.alpha, sigma_low=cfg.tree_sigma_low, sigma_high=cfg.tree_sigma_high,
-            crf_sigma_xy=cfg.crf_sigma_xy, crf_sigma_rgb=cfg.crf_sigma_rgb,
-            crf_radius=cfg.crf_radius, crf_downsample=cfg.crf_downsample,
-            tree_gray_as_rgb=cfg.tree_gray_as_rgb, sc_grad=cfg.sc_grad))
+        self.objective = WeakObjective(objective_config(cfg))
         self.optimizer = self.new_optimizer()
         # prefetching builds the same batches on background threads (same seed, same state)
         stream = InfiniteBatches(self.train_set, cfg.batch_size, seed=cfg.seed * 1000 + cid)
         self.batches = stream if cfg.prefetch == 0 else PrefetchBatches(
             stream, cfg.prefetch, pin_memory=self.device.type == "cuda")
-        self.rule = build_rule(cfg.strategy, cfg)
+        self.rule = cfg.method.site(cfg)  # the method's site half (methods/registry.py)
         self.step = 0
         self.rounds_done = 0
         self.best_val = -1.0
@@ -134,29 +116,18 @@ class SiteTrainer:
         #: checkpoint: the steps of an interrupted round are logged again)
         self._purge_step: Optional[int] = None
 
-    def new_optimizer(self) -> torch.optim.Optimizer:
-        """AdamW over every parameter with no state (the reference builds one every round)."""
-        return torch.optim.AdamW(self.model.parameters(), lr=self.cfg.base_lr,
-                                 weight_decay=self.cfg.weight_decay)
-
     # ------------------------------------------------------------------ paths and logging
     @property
     def client_dir(self) -> Path:
         return self.cfg.out_dir / f"client{self.cid}"
 
     @property
-    def writer(self):
-        if self._writer is None:
-            from torch.utils.tensorboard import SummaryWriter
+    def tb_dir(self) -> Path:
+        return self.cfg.out_dir / "tb" / f"client{self.cid}"
 
-            self._writer = SummaryWriter(str(self.cfg.out_dir / "tb" / f"client{self.cid}"),
-                                         purge_step=self._purge_step)
-        return self._writer
-
-    def close(self) -> None:
-        if self._writer is not None:
-            self._writer.close()
-            self._writer = None
+    @property
+    def stream_id(self) -> int:
+        return self.cid
 
     # ------------------------------------------------------------------ data
     def next_batch(self) -> Batch:
@@ -256,42 +227,11 @@ class SiteTrainer:
         params = dict(self.model.named_parameters())
         for name, p in params.items():
             p.requires_grad_(bool(trainable(name)))
-        steps: list = []  # (step number, lr, terms) per step
-        lr = self.cfg.base_lr
-        self.model.train()
         try:
-            for _ in range(n):
-                lr = poly_lr(self.cfg.base_lr, self.step, self.total_steps)
-                for group in self.optimizer.param_groups:
-                    group["lr"] = lr
-                batch = self.next_batch()
-                torch.manual_seed(self.cfg.seed * 1_000_003 + self.cid * 10_007 + self.step)
-                loss, terms = self.forward_loss(batch, extra_loss)
-                self.optimizer.zero_grad(set_to_none=True)
-                loss.backward()
-                self.optimizer.step()
-                self.step += 1
-                steps.append((self.step, lr, terms))
+            return self.run_steps(n, lambda batch: self.forward_loss(batch, extra_loss))
         finally:
             for p in params.values():
                 p.requires_grad_(True)
-        metrics = self.log_steps(steps)
-        metrics["lr"] = lr
-        return metrics
-
-    def log_steps(self, steps: list) -> Dict[str, float]:
-        """Fetch the steps' device terms in one transfer, write their TensorBoard scalars and
-        return the mean of every term over the steps (summed in step order, as floats)."""
-        on_device = [v for _, _, terms in steps for v in terms.values() if isinstance(v, Tensor)]
-        fetched = iter(torch.stack([v.double() for v in on_device]).tolist() if on_device else [])
-        sums: Dict[str, float] = {}
-        for step, lr, terms in steps:
-            for key, value in terms.items():
-                value = next(fetched) if isinstance(value, Tensor) else value
-                sums[key] = sums.get(key, 0.0) + value
-                self.writer.add_scalar(f"loss/{key}", value, step)
-            self.writer.add_scalar("lr", lr, step)
-        return {k: v / max(len(steps), 1) for k, v in sums.items()}
 
     def train(self, arrays: Mapping[str, np.ndarray], config: Mapping[str, object]
               ) -> Tuple[Dict[str, np.ndarray], Dict[str, float]]:
@@ -345,17 +285,6 @@ class SiteTrainer:
         from its checkpoint repeats the round exactly (dropout inside adaptive aggregation
         draws from this stream)."""
         torch.manual_seed(self.cfg.seed * 1_000_003 + self.cid * 10_007 + 7 * server_round + 1)
-
-    def divergence(self, metrics: Mapping[str, float]) -> str:
-        """Why this round's result must not leave the site ('' when it is finite)."""
-        bad_terms = [k for k, v in metrics.items() if not math.isfinite(float(v))]
-        if bad_terms:
-            return f"non-finite loss terms {', '.join(sorted(bad_terms))}"
-        bad = [n for n, t in self.model.state_dict().items()
-               if t.is_floating_point() and not bool(torch.isfinite(t).all())]
-        if bad:
-            return f"non-finite model values in {len(bad)} tensors (e.g. {bad[0]})"
-        return ""
 
     def reject_round(self, server_round: int, last_good: Mapping[str, object], problem: str,
                      start: float) -> Dict[str, float]:
@@ -429,17 +358,9 @@ class SiteTrainer:
         return {"val_dice": score, "best_val_dice": self.best_val}
 
     def log_predictions(self, step: int, count: int = 4) -> None:
-        from .evaluation import predict
-
-        samples = [self.val_set.sample(i) for i in range(min(count, len(self.val_set)))]
-        if not samples:
-            return
-        image = torch.stack([s["image"] for s in samples]).to(self.device)
-        pred = predict(self.model, image, self.cid, self.cfg.img_size).cpu().numpy()
-        pictures = [overlay(s["image"].numpy(), p, s.get("mask", s["label"]).numpy(),
-                            self.task.num_classes) for s, p in zip(samples, pred)]
-        self.writer.add_images("val/prediction_and_truth_contour", np.stack(pictures), step,
-                               dataformats="NHWC")
+        """TensorBoard: the site model's predictions on the first ``count`` validation cases."""
+        self.log_site_predictions("val/prediction_and_truth_contour", self.val_set, self.cid,
+                                  step, count)
 
     # ------------------------------------------------------------------ persistence
     def state_dict(self) -> Dict[str, object]:

@@ -643,7 +643,9 @@ def _visible_gpus(gpus: List[int]) -> List[int]:
     """``gpus`` if CUDA is usable here, else ``[]`` (CPU) with a warning."""
     if not gpus:
         return []
-    if shutil.which("nvidia-smi") is None and not Path("/proc/driver/nvidia").exists():
+    from configs.devices import nvidia_driver_present
+
+    if not nvidia_driver_present():
         log.warning("--gpus %s given but no NVIDIA driver found: clients train on the CPU", gpus)
         return []
     return gpus

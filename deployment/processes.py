@@ -99,13 +99,6 @@ def check_ports_free(ports: Mapping[str, int], host: str = "127.0.0.1") -> None:
                 raise
 
 
-def free_port(host: str = "127.0.0.1") -> int:
-    """A port the OS reports free right now (for tests and ad-hoc runs)."""
-    with socket.socket(socket.AF_INET, socket.SOCK_STREAM) as sock:
-        sock.bind((host, 0))
-        return int(sock.getsockname()[1])
-
-
 def free_port_base(span: int, host: str = "127.0.0.1") -> int:
     """A base port with ``span`` free ports above it, drawn below the ephemeral range (for a
     deployment that needs a block of ports: tests, benchmarks)."""

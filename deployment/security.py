@@ -10,7 +10,6 @@
 from __future__ import annotations
 
 import json
-import os
 import socket
 import ssl
 import subprocess
@@ -111,9 +110,3 @@ def register_supernodes(public_keys: Sequence[Path], flwr_home: Path, env: Mappi
     if errors:
         raise RuntimeError("SuperNode registration failed: " + "; ".join(errors))
     return nodes
-
-
-def private_outputs() -> int:
-    """Make everything this process and its children create private to the user (umask 077:
-    files 0600, folders 0700); returns the previous umask."""
-    return os.umask(0o077)

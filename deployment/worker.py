@@ -33,6 +33,7 @@ from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
 from configs import RunConfig, load_config
+from configs.schema import LOCAL_ONLY_KEYS, SITE_PATH_KEYS
 from strategies.errors import SITE_REFUSED
 
 from .channel import (HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, SILENCE_TIMEOUT, parse_address,
@@ -41,7 +42,7 @@ from .channel import (HANDSHAKE_TIMEOUT, KEEPALIVE_INTERVAL, SILENCE_TIMEOUT, pa
 log = logging.getLogger("fedicra.worker")
 
 #: Keys that may legitimately differ between the server's run config and a site's snapshot.
-SITE_LOCAL_KEYS = frozenset({"root_path", "out_root", "gpus", "mode", "port", "cpus_per_client"})
+SITE_LOCAL_KEYS = frozenset(LOCAL_ONLY_KEYS + SITE_PATH_KEYS)
 
 
 class SiteWorker:

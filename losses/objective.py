@@ -24,8 +24,8 @@ The unlabelled label value is the number of classes (``out.logits.shape[1]``).
 
 Reference-fidelity switches (:class:`ObjectiveConfig`): ``tree_gray_as_rgb`` builds the image
 tree of 1-channel images as if repeated to 3 channels (the reference's FAZ input);
-``sc_grad=False`` computes the site term under ``torch.no_grad`` as the reference does (value
-logged and added to ``total`` as a constant, no gradient).
+``sc_grad=False`` (the default) computes the site term under ``torch.no_grad`` as the
+reference does (value logged and added to ``total`` as a constant, no gradient).
 """
 from __future__ import annotations
 
@@ -73,8 +73,11 @@ def resolve_procedure(name: str) -> str:
 
 @dataclass(frozen=True)
 class ObjectiveConfig:
-    """Procedure name and term weights/hyper-parameters (defaults: FedICRA README command).
+    """Procedure name and term weights/hyper-parameters.
 
+    Every field is the run configuration's key of the same name, with the same default
+    (``configs.schema.RunConfig``, the reference's values; this package imports no
+    configuration, so test/test_objective_config.py keeps the two equal).
     ``procedure`` is stored in canonical form (aliases are resolved).
     """
 
@@ -82,8 +85,8 @@ class ObjectiveConfig:
     lambda_tree: float = 0.1
     lambda_crf: float = 0.1
     alpha: float = 1.0
-    sigma_low: float = 0.02
-    sigma_high: float = 1.0
+    tree_sigma_low: float = 0.02
+    tree_sigma_high: float = 1.0
     crf_sigma_xy: float = 6.0
     crf_sigma_rgb: float = 0.1
     crf_radius: int = 5
@@ -92,7 +95,7 @@ class ObjectiveConfig:
     tree_gray_as_rgb: bool = True
     #: Site term trains the gates (True) or is only computed and logged, as the reference
     #: does under ``torch.no_grad`` (False; its weighted value still enters ``total``).
-    sc_grad: bool = True
+    sc_grad: bool = False
 
     def __post_init__(self) -> None:
         object.__setattr__(self, "procedure", resolve_procedure(self.procedure))
@@ -180,8 +183,8 @@ class WeakObjective:
                 list(out.aux_logits),
                 label,
                 unlabelled,
-                sigma_low=c.sigma_low,
-                sigma_high=c.sigma_high,
+                sigma_low=c.tree_sigma_low,
+                sigma_high=c.tree_sigma_high,
                 gray_as_rgb=c.tree_gray_as_rgb,
             )
         if "crf" in weights:

@@ -32,8 +32,8 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .outputs import SegOutput
-from .registry import register_network
-from .unet import DEFAULT_DROPOUT, UNet
+from .registry import NetworkInfo, register_network
+from .unet import DEFAULT_DROPOUT, SIZE_MULTIPLE, UNet
 
 #: Keys of a segmentation head (``out_conv``) in a network's ``state_dict``.
 HEAD_KEYS: Tuple[str, ...] = ("out_conv.weight", "out_conv.bias")
@@ -262,7 +262,8 @@ class CalibratedUNet(UNet):
         return dataclasses.replace(out, logits=self.calibrate(out, site))
 
 
-@register_network("unet_lc_calib")
+@register_network("unet_lc_calib", info=NetworkInfo(
+    size_multiple=SIZE_MULTIPLE, site_gates=True, calibration_head=True, uncalibrated="unet_lc"))
 def unet_lc_calib(in_chns: int, num_classes: int, base_channels: int = 16,
                   dropout: Optional[Sequence[float]] = DEFAULT_DROPOUT, aux_channels: int = 512,
                   num_sites: int = 1, site: int = 0, pcs_reduction: int = 16) -> CalibratedUNet:
@@ -272,7 +273,9 @@ def unet_lc_calib(in_chns: int, num_classes: int, base_channels: int = 16,
                           site=site, pcs_reduction=pcs_reduction)
 
 
-@register_network("unet_lc_multihead_calib")
+@register_network("unet_lc_multihead_calib", info=NetworkInfo(
+    size_multiple=SIZE_MULTIPLE, site_gates=True, aux_heads=True, calibration_head=True,
+    uncalibrated="unet_lc_multihead"))
 def unet_lc_multihead_calib(in_chns: int, num_classes: int, base_channels: int = 16,
                             dropout: Optional[Sequence[float]] = DEFAULT_DROPOUT,
                             aux_channels: int = 512, num_sites: int = 1, site: int = 0,

@@ -14,7 +14,7 @@ import torch.nn.functional as F
 from torch import Tensor, nn
 
 from .outputs import SegOutput
-from .registry import register_network
+from .registry import NetworkInfo, register_network
 from .unet import check_input_size
 
 #: Input height and width must be multiples of this (five stride-2 stages).
@@ -174,7 +174,7 @@ class EfficientUNet(nn.Module):
         return SegOutput(logits=self.out_conv(dec), features=bottleneck, decoder_features=dec)
 
 
-@register_network("efficient_unet")
+@register_network("efficient_unet", info=NetworkInfo(size_multiple=EFFICIENT_SIZE_MULTIPLE))
 def efficient_unet(in_chns: int, num_classes: int, **options) -> EfficientUNet:
     """U-Net with an EfficientNet encoder (default ``efficientnet-b3``, random init)."""
     return EfficientUNet(in_chns, num_classes, **options)

@@ -20,7 +20,7 @@ from torch import Tensor, nn
 
 from .outputs import SegOutput
 from .pcs import PersonalisedChannelSelection
-from .registry import register_network
+from .registry import NetworkInfo, register_network
 
 DEFAULT_DROPOUT: Tuple[float, ...] = (0.05, 0.1, 0.2, 0.3, 0.5)
 #: Input height and width must be multiples of this (four 2x max-pools).
@@ -247,25 +247,26 @@ class UNet(nn.Module):
         )
 
 
-@register_network("unet")
+@register_network("unet", info=NetworkInfo(size_multiple=SIZE_MULTIPLE))
 def unet(in_chns: int, num_classes: int, **options) -> UNet:
     """Plain U-Net."""
     return UNet(in_chns, num_classes, personalised=False, multihead=False, **options)
 
 
-@register_network("unet_multihead")
+@register_network("unet_multihead", info=NetworkInfo(size_multiple=SIZE_MULTIPLE, aux_heads=True))
 def unet_multihead(in_chns: int, num_classes: int, **options) -> UNet:
     """U-Net with three auxiliary heads (coarse to fine)."""
     return UNet(in_chns, num_classes, personalised=False, multihead=True, **options)
 
 
-@register_network("unet_lc")
+@register_network("unet_lc", info=NetworkInfo(size_multiple=SIZE_MULTIPLE, site_gates=True))
 def unet_lc(in_chns: int, num_classes: int, **options) -> UNet:
     """U-Net with personalised channel selection; options ``num_sites`` and ``site``."""
     return UNet(in_chns, num_classes, personalised=True, multihead=False, **options)
 
 
-@register_network("unet_lc_multihead")
+@register_network("unet_lc_multihead", info=NetworkInfo(size_multiple=SIZE_MULTIPLE,
+                                                         site_gates=True, aux_heads=True))
 def unet_lc_multihead(in_chns: int, num_classes: int, **options) -> UNet:
     """FedICRA network: PCS and three auxiliary heads; options ``num_sites`` and ``site``."""
     return UNet(in_chns, num_classes, personalised=True, multihead=True, **options)

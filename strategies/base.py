@@ -26,24 +26,21 @@ import time
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 
 import numpy as np
-from flwr.app import (Array, ArrayRecord, ConfigRecord, Message, MessageType, MetricRecord,
-                      RecordDict)
-from flwr.serverapp import Grid
-from flwr.serverapp.strategy import Result, Strategy
 from torch import nn
 
+from configs.schema import LOCAL_ONLY_KEYS
 from networks.groups import select_keys
 
 from .aggregation import mean_metrics, weighted_mean
 from .deadlines import DeadlineGrid, RoundClock
 from .errors import SITE_REFUSED, RunStopped
+from .flower import (HAVE_FLOWER, Array, ArrayRecord, ConfigRecord, Grid, Message, MessageType,
+                     MetricRecord, RecordDict, Result, Strategy)
 from .reporting import RunReporter
 
 log = logging.getLogger("fedicra.server")
 
 ALL_GROUPS = ("encoder", "pcs", "decoder", "out_conv", "aux")
-#: RunConfig keys that concern only the launching machine, never sent to sites.
-LOCAL_ONLY_KEYS = ("gpus", "mode", "port", "cpus_per_client")
 
 
 def to_numpy(record: ArrayRecord) -> Dict[str, np.ndarray]:
@@ -106,28 +103,39 @@ class PersonalizedStrategy(Strategy):
         Seconds to wait for ``cfg.num_clients`` nodes to connect before the first round.
     """
 
-    name = "base"
     share_include: Tuple[str, ...] = ALL_GROUPS
     share_exclude: Tuple[str, ...] = ()
-    #: What the method hands each site at the end: ``"global"`` (one model for every site,
-    #: tested from ``global/best.pt``) or ``"personal"`` (each site's ``client<k>/best.pt``).
-    deploys: str = "personal"
-    #: The method as its paper defines it: RunConfig values applied when neither the config
-    #: file nor the command line sets them (network, objective, method hyper-parameters).
-    defaults: Dict[str, object] = {"model": "unet", "procedure": "pce"}
-    #: Rounds the method runs after the configured ``rounds`` (FT's fine-tuning, MetaFed's
-    #: personalisation); :meth:`start` adds them to the loop.
-    extra_rounds: int = 0
 
-    @classmethod
-    def refuses(cls, cfg) -> Optional[Tuple[str, str]]:
-        """``(key, reason)`` when ``cfg`` cannot run this method (pre-flight and
-        :meth:`start`), else None."""
-        return None
+    # what the method's registry entry declares (methods/registry.py, ``Method``)
+    @property
+    def name(self) -> str:
+        return self.cfg.method.name
+
+    @property
+    def deploys(self) -> str:
+        """``"global"`` (one model for every site, tested from ``global/best.pt``) or
+        ``"personal"`` (each site's ``client<k>/best.pt``)."""
+        return self.cfg.method.deploys
+
+    @property
+    def extra_rounds(self) -> int:
+        """Rounds the method runs after the configured ``rounds`` (FT's fine-tuning, MetaFed's
+        personalisation); :meth:`start` adds them to the loop."""
+        return self.cfg.method.extra_rounds
+
+    def sends_final_aggregate(self) -> bool:
+        """Whether the final evaluate message carries the last aggregate: a global model is
+        validated there; a method whose sites validate something built from the aggregate
+        (FedICRA-ref) overrides this."""
+        return self.deploys == "global"
 
     def __init__(self, cfg, reporter: Optional[RunReporter] = None,
                  node_timeout: float = 600.0) -> None:
+        if not HAVE_FLOWER:
+            raise ModuleNotFoundError(f"{cfg.strategy}: the server half of a method needs "
+                                      "Flower (pip install flwr); this machine can only train sites")
         self.cfg = cfg
+        self.params = cfg.params  # the method's hyper-parameters
         self.reporter = reporter
         self.node_timeout = node_timeout
         self.node_ids: List[int] = []
@@ -196,7 +204,7 @@ class PersonalizedStrategy(Strategy):
         ``r + 1 .. num_rounds``. ``num_rounds`` is the configured ``rounds``; a method with
         :attr:`extra_rounds` runs that many more after them.
         """
-        problem = self.refuses(self.cfg)
+        problem = self.cfg.method.refusal(self.cfg)
         if problem:
             raise ValueError(f"{self.name}: {problem[0]} = {problem[1]}")
         if self.extra_rounds:
@@ -473,7 +481,7 @@ class PersonalizedStrategy(Strategy):
         # A global method's final aggregate is validated by every site, and so is a site's
         # model blended with it (``ala_validate_blend``); other methods send nothing.
         self._global_sent = arrays if self.deploys == "global" else None
-        sends = self.deploys == "global" or bool(getattr(self.cfg, "ala_validate_blend", False))
+        sends = self.sends_final_aggregate()
         payload = arrays if sends else ArrayRecord()
         return [Message(RecordDict({"arrays": payload, "config": msg_config}),
                         dst_node_id=n, message_type=MessageType.EVALUATE) for n in nodes]

@@ -22,8 +22,7 @@ import statistics
 import time
 from typing import Dict, Iterable, List, Optional
 
-from flwr.app import Message, MessageType, RecordDict
-from flwr.serverapp import Grid
+from .flower import Grid, Message, MessageType, RecordDict
 
 log = logging.getLogger("fedicra.server")
 

@@ -13,12 +13,12 @@ from flwr.app import ConfigRecord, Context
 from flwr.serverapp import Grid, ServerApp
 
 from configs import RunConfig, load_config
+from configs.schema import LOCAL_ONLY_KEYS
 from networks.checkpoint import as_arrays, run_meta
 from networks.factory import build_for_run
 
-from .base import LOCAL_ONLY_KEYS, to_record
+from .base import to_record
 from .errors import quiet_run_stopped
-from .registry import strategy_class
 from .reporting import RunReporter
 from .resume import resume_point
 
@@ -49,7 +49,7 @@ def run_server(grid: Grid, cfg: RunConfig, resume: bool = False) -> None:
     done = int(point["round"]) if point is not None else 0
     reporter = RunReporter(cfg.out_dir, cfg.rounds, run_meta(cfg, None), resume_round=done)
     try:
-        strategy = strategy_class(cfg.strategy)(cfg, reporter)
+        strategy = cfg.method.server(cfg, reporter)
         reporter.state_source = strategy.state_dict
         initial = to_record(strategy.initial_arrays(build_for_run(cfg, site=0)))
         if point is not None:

@@ -85,15 +85,19 @@ def tiny_federation(tmp_path_factory) -> Path:
 
 
 def tiny_run_config(root: Path, out_root: Path, **overrides):
-    """A RunConfig for a tiny federation: 3 clients, width 4, 2 rounds of 2 iterations."""
+    """A RunConfig for a tiny federation: 3 clients, width 4, 2 rounds of 2 iterations.
+
+    Keys of methods other than ``strategy`` are ignored (``cfg.ignored_keys``). Adaptive
+    aggregation blends from round 2 (``ala_warmup_iters = 0``; FedICRA's own 50 iterations
+    would outlast a tiny run)."""
     from configs import RunConfig
 
     values = dict(img_class="synthetic_faz", root_path=str(root), exp="tiny", out_root=str(out_root),
                   model="unet_lc_multihead", base_channels=4, aux_channels=8, procedure="pce",
                   strategy="FedICRA", num_clients=3, rounds=2, iters=2, rep_iters=1, batch_size=2,
-                  ala_max_epochs=2, seed=7)
+                  ala_max_epochs=2, ala_warmup_iters=0, seed=7)
     values.update(overrides)
-    return RunConfig(**values).validate()
+    return RunConfig.from_mapping(values).validate()
 
 
 class InProcessGrid:

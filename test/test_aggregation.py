@@ -5,7 +5,7 @@ import pytest
 from configs import RunConfig
 from networks import build
 from strategies.aggregation import mean_metrics, weighted_mean
-from strategies.registry import strategy_class, strategy_names
+from methods.registry import get_method, method_names
 
 
 def test_weighted_mean_is_sample_weighted():
@@ -44,7 +44,8 @@ def test_mean_metrics_weighted():
 @pytest.mark.parametrize("name, excluded_group", [("FedBN", "bn"), ("FedRep", "out_conv")])
 def test_personal_groups_are_not_shared(name, excluded_group):
     model = build("unet_lc_multihead", 1, 2, base_channels=4, aux_channels=8, num_sites=3)
-    strategy = strategy_class(name)(RunConfig(num_clients=3))
+    cfg = RunConfig(strategy=name, num_clients=3)
+    strategy = get_method(name).server(cfg)
     keys = strategy.shared_keys(model)
     from networks.groups import parameter_groups
 
@@ -55,14 +56,15 @@ def test_personal_groups_are_not_shared(name, excluded_group):
 
 def test_local_shares_nothing_and_fedicra_shares_all():
     model = build("unet_lc_multihead", 1, 2, base_channels=4, aux_channels=8, num_sites=3)
-    assert strategy_class("Local")(RunConfig()).shared_keys(model) == []
-    assert strategy_class("fedicra")(RunConfig()).shared_keys(model) == list(model.state_dict())
+    assert get_method("Local").server(RunConfig(strategy="Local")).shared_keys(model) == []
+    fedicra = RunConfig(strategy="fedicra")
+    assert get_method("fedicra").server(fedicra).shared_keys(model) == list(model.state_dict())
 
 
 def test_unknown_strategy_lists_names():
     with pytest.raises(ValueError, match="FedICRA"):
-        strategy_class("FedNope")
-    assert {"FedAvg", "FedBN", "FedProx", "FedRep", "FedALA", "FedICRA", "Local"} <= set(strategy_names())
+        get_method("FedNope")
+    assert {"FedAvg", "FedBN", "FedProx", "FedRep", "FedALA", "FedICRA", "Local"} <= set(method_names())
 
 
 # ---------------------------------------------------------------------- numerical guard

@@ -10,7 +10,6 @@ from clients.trainer import SiteTrainer
 from conftest import tiny_run_config
 from networks.factory import RUN_OPTION_NAMES, accepted_run_options, build_for_run, run_model_options
 from networks.registry import network_names
-from strategies.registry import strategy_class
 
 
 def _procedure(name: str) -> str:
@@ -26,7 +25,7 @@ def test_every_network_builds_for_a_run_and_trains_a_round(tiny_federation, tmp_
     options = run_model_options(cfg, site=1)
     assert set(options) == set(accepted_run_options(name)) <= RUN_OPTION_NAMES
     server_model = build_for_run(cfg)
-    strategy = strategy_class(cfg.strategy)(cfg)
+    strategy = cfg.method.server(cfg)
     glob = strategy.initial_arrays(server_model)
     assert glob, "FedAvg shares the whole model"
     trainer = SiteTrainer(cfg, cid=1)

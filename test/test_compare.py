@@ -27,11 +27,11 @@ def test_all_lists_every_compared_method_and_the_ablation_row():
     labels = [m.label for m in rows]
     assert labels == PAPER_METHODS + ["FedAvg + full objective"]
     ablation = rows[-1]
-    from strategies.registry import strategy_class
+    from methods.registry import get_method
 
-    fedicra = strategy_class("FedICRA").defaults
+    fedicra = get_method("FedICRA")
     assert ablation.strategy == "FedAvg"
-    assert dict(ablation.settings) == {"model": fedicra["model"], "procedure": fedicra["procedure"]}
+    assert dict(ablation.settings) == {"model": fedicra.model, "procedure": fedicra.procedure}
     assert [m.label for m in cmp.select_methods("fedavg, FedAvg+full")] == \
         ["FedAvg", "FedAvg + full objective"]
     with pytest.raises(SystemExit, match="--methods: unknown method 'FedFoo'"):
@@ -374,3 +374,40 @@ def test_seeds_from_one_command_end_to_end(tiny_federation, tmp_path):
     assert cmp.main(argv) == 0  # every method and seed is done: nothing is trained again
     assert records == {(m.label, seed): (cmp.run_dir(out, m, seed) / "compare.json").read_text()
                        for m in cmp.select_methods(SEEDS_METHODS) for seed in (1, 2)}
+
+
+def test_an_interrupted_run_of_the_same_configuration_is_resumed_not_retrained(
+        tiny_federation, tmp_path):
+    """``resumable_round`` reads the run folder: its last completed round when the snapshot is
+    the configuration the fresh command would train, -1 once its training has finished, None
+    otherwise (nothing there, another configuration, a centralised method)."""
+    from configs import save_config
+    from configs.layers import absolute_paths, resolve_layers
+    from flower_runner import parse_args
+    from networks.checkpoint import run_meta, save_atomic
+
+    args = cmp.parse_args(_argv(tiny_federation, tmp_path / "cmp", "FedRep"))
+    fedrep = cmp.select_methods("FedRep")[0]
+    train = cmp.train_command(args, fedrep, port=20000)
+    folder = cmp.run_dir(Path(args.out), fedrep)
+    assert cmp.resumable_round(train, folder) is None  # nothing there
+
+    cfg = absolute_paths(resolve_layers(parse_args(train[2:]))[0])
+    save_config(cfg, folder / "config.toml")
+    assert cmp.resumable_round(train, folder) is None  # no completed round
+    latest = {"round": 1, "arrays": {}, "strategy": {}, "meta": run_meta(cfg, None)}
+    save_atomic(latest, folder / "global" / "latest.pt")
+    assert cmp.resumable_round(train, folder) == 1
+    other = cmp.train_command(cmp.parse_args(_argv(tiny_federation, tmp_path / "cmp", "FedRep")
+                                             + ["--seed", "5"]), fedrep, port=20000)
+    assert cmp.resumable_round(other, folder) is None  # another seed: trained again
+    save_atomic({**latest, "round": 2, "finished": True}, folder / "global" / "latest.pt")
+    assert cmp.resumable_round(train, folder) == -1  # trained: only the test is left
+
+    ct = cmp.select_methods("CT-weak")[0]
+    ct_train = cmp.train_command(args, ct, port=20000)
+    ct_folder = cmp.run_dir(Path(args.out), ct)
+    ct_cfg = absolute_paths(resolve_layers(parse_args(ct_train[2:]))[0])
+    save_config(ct_cfg, ct_folder / "config.toml")
+    save_atomic({**latest, "meta": run_meta(ct_cfg, None)}, ct_folder / "global" / "latest.pt")
+    assert cmp.resumable_round(ct_train, ct_folder) is None  # centralised: no rounds to resume

@@ -101,7 +101,7 @@ def _objective_terms(model, device, procedure_cfg):
 
 
 def test_objective_cpu_cuda():
-    cfg = ObjectiveConfig("pce_gatedcrf_mstree", lambda_tree=0.0, crf_radius=3)
+    cfg = ObjectiveConfig("pce_gatedcrf_mstree", lambda_tree=0.0, crf_radius=3, sc_grad=True)
     cpu = _tiny("unet_lc_multihead")
     gpu = copy.deepcopy(cpu).to(CUDA)
     ra, ga = _objective_terms(cpu, "cpu", cfg)
@@ -116,7 +116,7 @@ def test_objective_cpu_cuda():
 
 def test_full_objective_cpu_cuda():
     pytest.importorskip("losses.tree_energy")
-    cfg = ObjectiveConfig("pce_gatedcrf_mstree", crf_radius=3)
+    cfg = ObjectiveConfig("pce_gatedcrf_mstree", crf_radius=3, sc_grad=True)
     cpu = _tiny("unet_lc_multihead")
     gpu = copy.deepcopy(cpu).to(CUDA)
     ra, _ = _objective_terms(cpu, "cpu", cfg)

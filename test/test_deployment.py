@@ -195,7 +195,8 @@ def test_app_bundle_holds_the_code_and_no_data():
     names = zipfile.ZipFile(io.BytesIO(fab)).namelist()
     assert len(fab) < 2_000_000, f"FAB of {len(fab)} bytes"
     for needed in ("deployment/bridge.py", "deployment/server_app.py", "deployment/channel.py",
-                   "strategies/server_app.py", "configs/schema.py", "pyproject.toml"):
+                   "strategies/server_app.py", "configs/schema.py", "methods/registry.py",
+                   "pyproject.toml"):
         assert needed in names
     for banned in (".venv/", "data/", "model/", "demo/", ".git/"):
         assert not any(n.startswith(banned) for n in names), banned

@@ -17,8 +17,8 @@ import torch
 
 import preflight
 from conftest import InProcessGrid, task_identity, tiny_run_config  # noqa: F401
-from strategies.fedap import (STATS_PREFIX, bn_distance, fedap_weights, personalised_aggregates,
-                              split_stats)
+from methods.fedap import (COLLECT, FEDAP_PHASE, STATS_PREFIX, bn_distance, fedap_weights,
+                           personalised_aggregates, split_stats)
 
 
 def load(path):
@@ -114,7 +114,7 @@ def test_collected_statistics_are_the_exact_moments_of_the_bn_inputs(tiny_federa
         pretrained[k] = v
     config = {"server-round": 3, "share-include": ",".join(("encoder", "pcs", "decoder",
                                                             "out_conv", "aux")),
-              "share-exclude": "bn", "fedap-phase": "collect"}
+              "share-exclude": "bn", FEDAP_PHASE: COLLECT}
     trainer.best_val = 2.0  # must be reset: FedAvg-phase models are no candidates
     reply, metrics = trainer.train(pretrained, config)
     assert np.isfinite(metrics["total"]) and trainer.best_val <= 1.0
@@ -194,7 +194,7 @@ def test_fedap_sends_each_client_only_its_own_aggregate_and_keeps_bn_local(
     # round 4: node n holds exactly sum_j W_ij theta_j of round 3 for its own client i
     cids = sorted(replies3)
     split = [split_stats(replies3[c]) for c in cids]
-    w = fedap_weights([s for _, s in split], cfg.fedap_lambda)
+    w = fedap_weights([s for _, s in split], cfg.params.fedap_lambda)
     payloads = {}
     for node, (sent, _) in train[4].items():
         i = cids.index(cid_of[node])
@@ -233,40 +233,42 @@ def test_fedap_sends_each_client_only_its_own_aggregate_and_keeps_bn_local(
 def test_defaults_and_preflight_refusals_name_the_key():
     import flower_runner
     from configs import RunConfig
-    from strategies.registry import strategy_class
+    from methods.registry import get_method
 
     cfg = flower_runner.resolve_layers(flower_runner.parse_args(
         ["--strategy", "fedap", "--img_class", "faz"]))[0]
-    assert (cfg.strategy, cfg.model, cfg.procedure, cfg.fedap_lambda) == \
+    assert (cfg.strategy, cfg.model, cfg.procedure, cfg.params.fedap_lambda) == \
         ("FedAP", "unet", "pce", 0.5)
-    assert cfg.fedap_pretrain == cfg.rounds // 10 and strategy_class("FedAP").deploys == "personal"
+    entry = get_method("FedAP")
+    assert cfg.params.fedap_pretrain(cfg.rounds) == cfg.rounds // 10
+    assert entry.deploys == "personal" and entry.round_keys == (FEDAP_PHASE,)
     ok = RunConfig(strategy="FedAP", model="unet", procedure="pce", rounds=3)
-    assert ok.fedap_pretrain == 1
+    assert ok.params.fedap_pretrain(ok.rounds) == 1
     preflight.check_names(ok)
     # the automatic choice leaves the statistics round and one personalised round
     smoke = RunConfig(strategy="FedAP", model="unet", procedure="pce", rounds=2)
-    assert smoke.fedap_pretrain == 0
+    assert smoke.params.fedap_pretrain(smoke.rounds) == 0
     preflight.check_names(smoke)
-    assert RunConfig(strategy="FedAP", rounds=30).fedap_pretrain == 3
+    assert RunConfig(strategy="FedAP").params.fedap_pretrain(30) == 3
     for values, key in (({"rounds": 4, "fedap_pretrain_rounds": 3}, "fedap_pretrain_rounds"),
                         ({"rounds": 4, "fedap_pretrain_rounds": 4}, "fedap_pretrain_rounds"),
                         ({"rounds": 1}, "fedap_pretrain_rounds"),
                         ({"num_clients": 1}, "num_clients")):
-        cfg = RunConfig(**{"strategy": "FedAP", "model": "unet", "procedure": "pce",
-                           "rounds": 10, **values})
+        cfg = RunConfig.build(**{"strategy": "FedAP", "model": "unet", "procedure": "pce",
+                                 "rounds": 10, **values})
         with pytest.raises(preflight.PreflightError, match=f"^--{key}: "):
             preflight.check_names(cfg)
     for bad in ({"fedap_lambda": 1.5}, {"fedap_pretrain_rounds": -1}):
         with pytest.raises(ValueError, match=next(iter(bad))):
-            RunConfig(**bad).validate()
+            RunConfig.build(strategy="FedAP", **bad).validate()
 
 
 def test_a_client_without_statistics_in_the_collection_round_stops_the_run():
     from configs import RunConfig
-    from strategies.fedap import FedAP
+    from methods.fedap import FedAP
 
-    strategy = FedAP(RunConfig(strategy="FedAP", num_clients=3, rounds=5,
-                               fedap_pretrain_rounds=2))
+    strategy = FedAP(RunConfig.build(strategy="FedAP", num_clients=3, rounds=5,
+                                     fedap_pretrain_rounds=2))
     stats = hand_stats()
     with pytest.raises(RuntimeError, match=r"client\(s\) \[4\] sent none usable"):
         strategy._compute_weights(3, [0, 4, 2], [stats[0], {}, stats[2]], {})

@@ -18,11 +18,12 @@ import pytest
 import torch
 
 from clients.rules.base import head_split_train
-from clients.rules.fedala import resets_after
+from clients.rules.ala import resets_after
 from clients.trainer import SiteTrainer
 from configs import RunConfig
 from losses.pce import partial_cross_entropy
-from strategies.registry import strategy_class
+from configs.layers import method_layer
+from methods.registry import get_method
 
 from conftest import tiny_run_config
 
@@ -30,8 +31,8 @@ ITERS, EVAL_ITERS, WARMUP, ROUNDS = 10, 20, 50, 8
 
 
 def ref_config(root, out, **extra):
-    defaults = dict(strategy_class("FedICRA-ref").defaults)
-    defaults.update(dict(rounds=ROUNDS, iters=ITERS, rep_iters=3, eval_every=EVAL_ITERS // ITERS,
+    name, defaults = method_layer("FedICRA-ref")
+    defaults.update(dict(strategy=name, rounds=ROUNDS, iters=ITERS, rep_iters=3, eval_every=EVAL_ITERS // ITERS,
                          ala_max_epochs=3, procedure="pce_gatedcrf_mstree", crf_radius=2,
                          model="unet_lc_multihead", tb_images_every=100, prefetch=0))
     defaults.update(extra)
@@ -72,7 +73,7 @@ class ReferenceSite:
         seed = self.t.cfg.seed * 7919 + self.t.cid * 131 + seed_round
         losses = []
         while True:
-            for batch in self.t.sample_batches(self.t.cfg.ala_rand_percent, seed):
+            for batch in self.t.sample_batches(self.t.cfg.params.ala_rand_percent, seed):
                 temp.zero_grad(set_to_none=True)
                 logits = temp(batch["image"], site=self.t.cid).logits
                 loss = partial_cross_entropy(logits, batch["label"], ignore_index=self.t.task.unlabelled)
@@ -88,7 +89,7 @@ class ReferenceSite:
                 break
             if len(losses) > 10 and np.std(losses[-10:]) < 0.1:
                 break
-            if len(losses) >= self.t.cfg.ala_max_epochs:  # the test's cost cap, ours too
+            if len(losses) >= self.t.cfg.params.ala_max_epochs:  # the test's cost cap, ours too
                 break
         self.start_phase = False
         with torch.no_grad():
@@ -163,7 +164,7 @@ def test_fedicra_ref_replays_the_reference_round_over_8_rounds(tiny_federation, 
         # trains from our start and must then agree exactly
         ref.t.model.load_state_dict(seen["start"][r])
         ref.t.optimizer = ref.t.new_optimizer()
-        head_split_train(ref.t, ITERS, cfg.rep_iters)
+        head_split_train(ref.t, ITERS, cfg.params.rep_iters)
         assert_same(seen["trained"][r], snapshot(ref.t.model), f"round {r} after training", exact=True)
         global_state = aggregate(snapshot(ours.model), r)
 
@@ -205,10 +206,10 @@ def test_warmup_is_counted_in_iterations(tiny_federation, tmp_path):
 
 
 def test_fedicra_warms_up_for_the_references_50_iterations():
-    assert strategy_class("FedICRA").defaults["ala_warmup_iters"] == 50
-    assert strategy_class("FedICRA-ref").defaults["ala_warmup_iters"] == 50
-    ref = strategy_class("FedICRA-ref").defaults
-    assert ref["ala_reset_weights"] and ref["ala_validate_blend"] and ref["ala_reset_every_iters"] == 20
+    assert get_method("FedICRA").params().ala_warmup_iters == 50
+    assert get_method("FedICRA-ref").params().ala_warmup_iters == 50
+    ref = get_method("FedICRA-ref").params()
+    assert ref.ala_reset_weights and ref.ala_validate_blend and ref.ala_reset_every_iters == 20
 
 
 def test_reset_weights_key_restarts_w_at_every_call():

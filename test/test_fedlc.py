@@ -38,9 +38,11 @@ def distinct_heads(model: CalibratedUNet, scale: float = 0.5):
 
 
 def fedlc_config(root, out, **overrides):
-    from strategies.fedlc import FedLC
+    from methods.registry import get_method
 
-    values = {**FedLC.defaults, "strategy": "FedLC"}
+    entry = get_method("FedLC")  # its paper's network, objective and run-wide defaults
+    values = {"model": entry.model, "procedure": entry.procedure, **entry.defaults,
+              "strategy": "FedLC"}
     values.update(overrides)
     return tiny_run_config(root, out, **values)
 
@@ -88,9 +90,9 @@ def test_calibration_changes_the_prediction_and_inference_uses_it(tiny_federatio
 
 
 def test_calibration_loss_gives_no_gradient_to_the_segmentation_network():
-    from clients.rules.fedlc import CalibratedObjective
+    from methods.fedlc import CalibratedObjective
     from losses.dice import partial_dice_loss
-    from losses.objective import WeakObjective
+    from losses.objective import ObjectiveConfig, WeakObjective
 
     model = tiny_net().train()
     model.set_peer_heads(*distinct_heads(model))
@@ -109,7 +111,7 @@ def test_calibration_loss_gives_no_gradient_to_the_segmentation_network():
 
     # through FedLC's objective: the network's gradient is that of the run's objective alone
     model.zero_grad(set_to_none=True)
-    inner = WeakObjective("pce_sc")
+    inner = WeakObjective(ObjectiveConfig("pce_sc", sc_grad=True))
     wrapped = CalibratedObjective(inner)
     torch.manual_seed(3)  # the same dropout masks in both passes
     out = model(x)
@@ -159,7 +161,8 @@ def test_site_contrastive_term_has_gradient_in_fedlc(tiny_federation, tmp_path):
         ["--strategy", "fedlc", "--img_class", "faz"]))
     assert (cfg.strategy, cfg.model, cfg.procedure, cfg.sc_grad, cfg.alpha) == \
         ("FedLC", "unet_lc_calib", "pce_sc", True, 1.0)
-    assert (cfg.fedlc_head_fraction, cfg.iters, cfg.fedlc_head_steps) == (0.2, 10, 2)
+    assert (cfg.params.fedlc_head_fraction, cfg.iters, cfg.params.fedlc_head_steps(cfg.iters)) == \
+        (0.2, 10, 2)
     trainer = SiteTrainer(fedlc_config(tiny_federation, tmp_path), cid=1)
     assert trainer.objective.config.sc_grad is True
     batch = trainer.next_batch()
@@ -182,8 +185,8 @@ def test_site_contrastive_term_has_gradient_in_fedlc(tiny_federation, tmp_path):
 def test_head_steps_are_the_head_fraction_of_the_round(iters, fraction, head):
     from configs import RunConfig
 
-    cfg = RunConfig(strategy="FedLC", iters=iters, fedlc_head_fraction=fraction).validate()
-    assert cfg.fedlc_head_steps == head
+    cfg = RunConfig.build(strategy="FedLC", iters=iters, fedlc_head_fraction=fraction).validate()
+    assert cfg.params.fedlc_head_steps(cfg.iters) == head
 
 
 def test_head_fraction_outside_zero_one_is_refused_naming_the_key():
@@ -191,7 +194,7 @@ def test_head_fraction_outside_zero_one_is_refused_naming_the_key():
 
     for bad in (-0.1, 1.5):
         with pytest.raises(ValueError, match=r"fedlc_head_fraction = .* must lie in \[0, 1\]"):
-            RunConfig(strategy="FedLC", fedlc_head_fraction=bad).validate()
+            RunConfig.build(strategy="FedLC", fedlc_head_fraction=bad).validate()
 
 
 @pytest.mark.parametrize("fraction, parts", [(0.4, (2, 3)), (0.8, (4, 1))])
@@ -199,7 +202,7 @@ def test_a_round_trains_the_head_first_then_the_body(tiny_federation, tmp_path, 
     """The first fedlc_head_fraction of the iters move the head (and the calibration) only, the
     rest everything but the head; rep_iters is not read."""
     from clients.trainer import SiteTrainer
-    from strategies.fedlc import FedLC
+    from methods.fedlc import FedLC
 
     cfg = fedlc_config(tiny_federation, tmp_path, iters=5, rounds=1, rep_iters=5,
                        fedlc_head_fraction=fraction)
@@ -235,7 +238,7 @@ def test_a_round_trains_the_head_first_then_the_body(tiny_federation, tmp_path, 
 
 def test_alpha_scales_the_contrastive_term_of_the_fedlc_objective(tiny_federation, tmp_path):
     """FedLC trains with alpha * sc (alpha = 1); alpha = 0 (the original's default) drops it."""
-    from clients.rules.fedlc import CalibratedObjective
+    from methods.fedlc import CalibratedObjective
     from clients.trainer import SiteTrainer
 
     totals = {}
@@ -380,7 +383,7 @@ def test_head_keys_are_not_model_keys():
 ])
 def test_every_objective_trains_a_fedlc_round(tiny_federation, tmp_path, model, procedure):
     from clients.trainer import SiteTrainer
-    from strategies.fedlc import FedLC
+    from methods.fedlc import FedLC
 
     cfg = fedlc_config(tiny_federation, tmp_path, model=model, procedure=procedure, iters=2,
                        rounds=1, crf_radius=2, crf_sigma_xy=2.0)

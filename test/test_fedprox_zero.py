@@ -11,12 +11,11 @@ from conftest import tiny_run_config
 
 def one_round(tiny_federation, tmp_path, strategy: str, mu: float):
     from networks.factory import build_for_run
-    from strategies.registry import strategy_class
 
     cfg = tiny_run_config(tiny_federation, tmp_path / strategy, strategy=strategy, model="unet",
                           rounds=2, prox_mu=mu)
     torch.manual_seed(0)
-    glob = strategy_class(strategy)(cfg).initial_arrays(build_for_run(cfg))
+    glob = cfg.method.server(cfg).initial_arrays(build_for_run(cfg))
     glob = {k: v + 0.01 * np.random.default_rng(1).standard_normal(v.shape).astype(v.dtype)
             if v.dtype.kind == "f" else v for k, v in glob.items()}
     trainer = SiteTrainer(cfg, cid=1, device="cpu")

@@ -12,7 +12,7 @@ from torch import nn
 
 import networks
 from clients.ala import AdaptiveAggregator
-from clients.rules.fedala import split_shared
+from clients.rules.ala import split_shared
 from clients.trainer import SiteTrainer
 from conftest import tiny_run_config
 from dataloaders import augment
@@ -78,10 +78,11 @@ def test_objective_builds_the_grey_image_tree_as_rgb_by_default():
     def tree_term(cfg, img):
         return WeakObjective(cfg)(model, out, img, label, site=0, num_sites=1).terms["tree"]
 
-    on = tree_term(ObjectiveConfig("pce_mstree", sigma_low=0.05), image)
-    rgb = tree_term(ObjectiveConfig("pce_mstree", sigma_low=0.05, tree_gray_as_rgb=False),
+    on = tree_term(ObjectiveConfig("pce_mstree", tree_sigma_low=0.05), image)
+    rgb = tree_term(ObjectiveConfig("pce_mstree", tree_sigma_low=0.05, tree_gray_as_rgb=False),
                     image.repeat(1, 3, 1, 1))
-    off = tree_term(ObjectiveConfig("pce_mstree", sigma_low=0.05, tree_gray_as_rgb=False), image)
+    off = tree_term(ObjectiveConfig("pce_mstree", tree_sigma_low=0.05, tree_gray_as_rgb=False),
+                    image)
     assert on == rgb and on != pytest.approx(off, rel=1e-6)
 
 
@@ -327,7 +328,8 @@ def test_site_term_without_gradient_changes_no_gradient_but_is_logged():
     common = dict(lambda_tree=0.1, lambda_crf=0.1, crf_radius=2, alpha=1.0)
     ref, ref_grads = _step_grads(model, image, label,
                                  ObjectiveConfig("pce_gatedcrf_mstree", sc_grad=False, **common))
-    ours, ours_grads = _step_grads(model, image, label, ObjectiveConfig("pce_gatedcrf_mstree", **common))
+    ours, ours_grads = _step_grads(model, image, label,
+                                   ObjectiveConfig("pce_gatedcrf_mstree", sc_grad=True, **common))
     _, plain_grads = _step_grads(model, image, label,
                                  ObjectiveConfig("pce_gatedcrf_mstree", **dict(common, alpha=0.0)))
     for name, grad in plain_grads.items():

@@ -22,6 +22,7 @@ import torch
 import flower_runner
 import preflight
 from conftest import InProcessGrid, free_base, task_identity, tiny_run_config  # noqa: F401
+from methods.ft import FINE_TUNE
 
 REPO = Path(__file__).resolve().parents[1]
 
@@ -36,22 +37,25 @@ def resolve(*argv: str):
 
 # ---------------------------------------------------------------------- names, defaults, refusals
 def test_each_method_resolves_to_its_own_setup_from_its_name():
-    from strategies.registry import strategy_class
+    from methods.registry import get_method
 
     ft = resolve("--strategy", "ft", "--img_class", "faz")
-    assert (ft.strategy, ft.model, ft.procedure, ft.ft_iters, ft.ft_lr, ft.exp) == \
+    assert (ft.strategy, ft.model, ft.procedure, ft.params.ft_iters, ft.params.ft_lr, ft.exp) == \
         ("FT", "unet", "pce", 200, 0.001, "faz/FT")
     weak = resolve("--strategy", "ct-weak", "--img_class", "faz")
     assert (weak.strategy, weak.model, weak.procedure, weak.label_form, weak.reset_optimizer) == \
         ("CT-weak", "unet", "pce", "", False)
     full = resolve("--strategy", "CT-full", "--img_class", "faz")
-    assert (full.procedure, full.label_form, full.ft_iters) == ("ce_full", "mask", 0)
-    assert weak.ct_batch == full.ct_batch == "federation"
-    assert strategy_class("FT").deploys == "personal"
+    assert (full.procedure, full.label_form) == ("ce_full", "mask")
+    assert "ft_iters" not in full.to_dict(), "CT does not fine-tune"
+    assert weak.params.ct_batch == full.params.ct_batch == "federation"
+    entry = get_method("FT")
+    assert entry.deploys == "personal" and entry.fine_tunes and entry.extra_rounds == 1
+    assert entry.round_keys == (FINE_TUNE,)
     for name in ("CT-weak", "CT-full"):
-        cls = strategy_class(name)
-        assert cls.deploys == "global" and cls.federated is False
-    assert getattr(strategy_class("FedAvg"), "federated", True)
+        entry = get_method(name)
+        assert entry.deploys == "global" and entry.federated is False
+    assert get_method("FedAvg").federated
 
 
 @pytest.mark.parametrize("strategy, values, key", [
@@ -63,7 +67,7 @@ def test_each_method_resolves_to_its_own_setup_from_its_name():
 def test_preflight_refuses_what_a_method_cannot_do_naming_the_key(strategy, values, key):
     from configs import RunConfig
 
-    cfg = RunConfig(**{"strategy": strategy, "model": "unet", "procedure": "pce", **values})
+    cfg = RunConfig.build(**{"strategy": strategy, "model": "unet", "procedure": "pce", **values})
     with pytest.raises(preflight.PreflightError, match=f"^--{key}: "):
         preflight.check_names(cfg)
 
@@ -77,11 +81,13 @@ def test_refusal_exits_2_before_anything_is_written(tiny_federation, tmp_path, c
 
 
 def test_centralised_strategies_refuse_to_run_as_a_federation():
-    from configs import RunConfig
-    from strategies.registry import strategy_class
+    from methods.registry import Method, MethodParams, get_method
 
-    with pytest.raises(ValueError, match="centralised training, not a federation"):
-        strategy_class("CT-full")(RunConfig(strategy="CT-full")).start(None, None)
+    for name in ("CT-weak", "CT-full"):
+        entry = get_method(name)
+        assert entry.server is None and entry.site is None and entry.train is not None
+    with pytest.raises(ValueError, match="a federated method needs a server and a site half"):
+        Method(name="CT-nope", server=None, site=None, params=MethodParams)
 
 
 # ---------------------------------------------------------------------- FT, one site
@@ -115,13 +121,13 @@ def test_fine_tuning_round_trains_the_received_global_model_on_its_own_schedule(
                           eval_every=1)
     trainer = SiteTrainer(cfg, cid=1)
     keys = trainer.keys(["all"])
-    fedavg = {"server-round": 1, "share-include": "all", "share-exclude": "", "fine-tune": False}
+    fedavg = {"server-round": 1, "share-include": "all", "share-exclude": "", FINE_TUNE: False}
     arrays, _ = trainer.train(trainer.state_of(keys), fedavg)
     assert set(arrays) == set(keys)
     final_global = {k: v + 0.01 if v.dtype.kind == "f" else v for k, v in arrays.items()}
     trainer._writer = Recorder()
     trainer.best_val = 2.0  # unbeatable: only fine-tuned models may become best.pt
-    fine = {"server-round": 2, "share-include": "", "share-exclude": "", "fine-tune": True}
+    fine = {"server-round": 2, "share-include": "", "share-exclude": "", FINE_TUNE: True}
     sent, metrics = trainer.train(final_global, fine)
 
     assert sent == {}, "the fine-tuning sends nothing back"
@@ -148,7 +154,7 @@ def test_fine_tuning_needs_the_whole_global_model_and_ends_the_run(tiny_federati
     trainer = SiteTrainer(cfg, cid=0)
     arrays = trainer.state_of(trainer.keys(["all"]))
     arrays.pop(next(iter(arrays)))
-    fine = {"server-round": 2, "share-include": "", "share-exclude": "", "fine-tune": True}
+    fine = {"server-round": 2, "share-include": "", "share-exclude": "", FINE_TUNE: True}
     with pytest.raises(ValueError, match="whole global model"):
         trainer.train(arrays, fine)
     with pytest.raises(ValueError, match="fine-tunes in round 2"):
@@ -292,7 +298,7 @@ def test_a_ct_step_trains_on_as_many_cases_as_a_federated_step_at_all_sites(
     """num_clients (3) x batch_size (4) = 12 pooled cases reach the objective in every step,
     for the same rounds * iters steps; a step of batch_size cases would fail."""
     trainer = _central(tiny_federation, tmp_path, strategy)
-    assert trainer.cfg.ct_batch == "federation" and trainer.step_cases == 12
+    assert trainer.cfg.params.ct_batch == "federation" and trainer.step_cases == 12
     assert len(trainer.pooled) < 12 * 3, "the stream runs across epochs of the pool"
     consumed, seen = [], []
     next_batch, objective = trainer.next_batch, trainer.objective
@@ -331,7 +337,7 @@ def test_ct_batch_must_name_a_budget():
     from configs import RunConfig
 
     with pytest.raises(ValueError, match=r'ct_batch = .pooled. must be "federation" .* or "site"'):
-        RunConfig(strategy="CT-weak", ct_batch="pooled").validate()
+        RunConfig.build(strategy="CT-weak", ct_batch="pooled").validate()
 
 
 @pytest.mark.parametrize("model, procedure, strategy", [

@@ -118,11 +118,10 @@ def test_a_stopped_worker_fails_the_request_within_the_deadlines():
 def message_config(cfg, server_round: int) -> Dict[str, object]:
     from flwr.app import ConfigRecord
 
-    from strategies.base import LOCAL_ONLY_KEYS
-    from strategies.registry import strategy_class
+    from configs.schema import LOCAL_ONLY_KEYS
 
     record = {k: v for k, v in cfg.to_dict().items() if k not in LOCAL_ONLY_KEYS}
-    strategy = strategy_class(cfg.strategy)(cfg)
+    strategy = cfg.method.server(cfg)
     return dict(strategy.message_config(ConfigRecord(record), server_round).items())
 
 
@@ -132,11 +131,11 @@ def test_a_restarted_worker_rejoins_a_later_round_from_its_latest_checkpoint(
 
     from deployment.worker import SiteWorker
 
+    from methods.registry import get_method
     from networks.factory import build_for_run
-    from strategies.registry import strategy_class
 
     cfg = tiny_run_config(tiny_federation, tmp_path, strategy="FedAvg", model="unet", rounds=4)
-    initial = strategy_class("FedAvg")(cfg).initial_arrays(build_for_run(cfg, site=0))
+    initial = get_method("FedAvg").server(cfg).initial_arrays(build_for_run(cfg, site=0))
     first = SiteWorker(cfg, 1)
     reply = first.handle({"op": "train", "config": message_config(cfg, 1), "arrays": initial})
     assert reply["ok"], reply.get("error")
@@ -226,12 +225,12 @@ def run_strategy(cfg, grid):
 
     from networks.checkpoint import run_meta
     from networks.factory import build_for_run
-    from strategies.base import LOCAL_ONLY_KEYS, to_record
-    from strategies.registry import strategy_class
+    from configs.schema import LOCAL_ONLY_KEYS
+    from strategies.base import to_record
     from strategies.reporting import RunReporter
 
     reporter = RunReporter(cfg.out_dir, cfg.rounds, run_meta(cfg, None))
-    strategy = strategy_class(cfg.strategy)(cfg, reporter)
+    strategy = cfg.method.server(cfg, reporter)
     record = {k: v for k, v in cfg.to_dict().items() if k not in LOCAL_ONLY_KEYS}
     try:
         strategy.start(grid, to_record(strategy.initial_arrays(build_for_run(cfg, site=0))),

@@ -152,7 +152,7 @@ def test_distillation_adds_lambda_times_feature_mse_to_a_frozen_teacher(tiny_fed
 def test_the_distillation_term_sends_no_gradient_to_the_teacher():
     from networks import build
 
-    from clients.rules.metafed import feature_distillation
+    from methods.metafed import feature_distillation
 
     torch.manual_seed(0)
     student, teacher = (build("unet", in_chns=1, num_classes=2, base_channels=4) for _ in range(2))
@@ -183,7 +183,7 @@ def test_lambda_zero_is_a_plain_step(tiny_federation, tmp_path):
 
 def test_flag_off_copies_the_teacher_then_trains_without_distillation(tiny_federation, tmp_path,
                                                                       monkeypatch):
-    import clients.rules.metafed as metafed
+    import methods.metafed as metafed
 
     monkeypatch.setattr(metafed, "validate", lambda *args, **kwargs: (0.1, {}))
     a, _, keys, teacher = site(tiny_federation, tmp_path, metafed_lambda=5.0)
@@ -206,7 +206,7 @@ def test_flag_off_copies_the_teacher_then_trains_without_distillation(tiny_feder
 
 def test_the_flag_comes_from_the_validation_split_and_stays_on(tiny_federation, tmp_path,
                                                                monkeypatch):
-    import clients.rules.metafed as metafed
+    import methods.metafed as metafed
 
     scored = []
     dice = {"value": 0.3}
@@ -239,7 +239,7 @@ def test_the_flag_comes_from_the_validation_split_and_stays_on(tiny_federation, 
     (0.9, 0.7, 10 ** -1.0 / 10),          # worse but above the threshold: small weight
 ])
 def test_personalisation_weight_follows_the_original_formula(own, teacher, expected):
-    from clients.rules.metafed import personal_lambda
+    from methods.metafed import personal_lambda
 
     assert personal_lambda(own, teacher, 1.0, 0.5) == pytest.approx(expected)
     assert personal_lambda(own, teacher, 3.0, 0.5) == pytest.approx(3 * expected)
@@ -247,7 +247,7 @@ def test_personalisation_weight_follows_the_original_formula(own, teacher, expec
 
 def test_personalisation_scores_site_and_teacher_on_validation(tiny_federation, tmp_path,
                                                                monkeypatch):
-    import clients.rules.metafed as metafed
+    import methods.metafed as metafed
 
     trainer, _, keys, teacher = site(tiny_federation, tmp_path, metafed_lambda=2.0)
     own_model = trainer.model
@@ -295,4 +295,4 @@ def test_config_ranges_name_the_key(key, value):
     from configs import RunConfig
 
     with pytest.raises(ValueError, match=key):
-        RunConfig(**{key: value}).validate()
+        RunConfig.build(**{"strategy": "MetaFed", key: value}).validate()

@@ -31,13 +31,13 @@ def test_fedicra_alone_is_the_reference_setup():
     cfg, _ = resolve("--img_class", "faz")
     assert (cfg.strategy, cfg.model, cfg.procedure, cfg.exp) == \
         ("FedICRA", "unet_lc_multihead", "pce_gatedcrf_mstree", "faz/FedICRA")
-    assert cfg.alpha == 1.0 and cfg.rep_iters == 3
+    assert cfg.alpha == 1.0 and cfg.params.rep_iters == 3
     assert parameter_groups(build_for_run(cfg, site=0))["pcs"]
 
 
 def test_fedala_takes_its_layer_idx_and_a_lowercase_name_is_canonical():
     cfg, _ = resolve("--strategy", "fedala", "--img_class", "faz")
-    assert cfg.strategy == "FedALA" and cfg.ala_layer_idx == 2 and cfg.exp == "faz/FedALA"
+    assert cfg.strategy == "FedALA" and cfg.params.ala_layer_idx == 2 and cfg.exp == "faz/FedALA"
 
 
 def test_config_file_overrides_the_strategy_and_flags_override_the_file(tmp_path):

@@ -39,7 +39,8 @@ def _weighted_sum(result):
 def test_terms_sum_to_total_with_weights():
     model, out, image, label = _setup(site=2)
     cfg = ObjectiveConfig(
-        "pce_gatedcrf_mstree", lambda_tree=0.0, lambda_crf=0.3, alpha=0.7, crf_radius=2
+        "pce_gatedcrf_mstree", lambda_tree=0.0, lambda_crf=0.3, alpha=0.7, crf_radius=2,
+        sc_grad=True,
     )
     result = WeakObjective(cfg)(model, out, image, label, site=2, num_sites=3)
     assert set(result.terms) == {"pce", "crf", "sc"}
@@ -60,7 +61,8 @@ def test_terms_sum_to_total_with_weights():
 def test_full_objective_with_tree_term():
     pytest.importorskip("losses.tree_energy")
     model, out, image, label = _setup()
-    result = WeakObjective("pce_gatedcrf_mstree")(model, out, image, label, site=1, num_sites=3)
+    cfg = ObjectiveConfig("pce_gatedcrf_mstree", sc_grad=True)
+    result = WeakObjective(cfg)(model, out, image, label, site=1, num_sites=3)
     assert set(result.terms) == {"pce", "tree", "crf", "sc"}
     assert result.weights == {"pce": 1.0, "tree": 0.1, "crf": 0.1, "sc": 1.0}
     assert result.total.item() == pytest.approx(_weighted_sum(result), rel=1e-5)

@@ -31,14 +31,14 @@ def tiny_flags(data: Path, out_root: Path, *extra: str):
     (["--model", "unet", "--procedure", "pce_sc"], "needs a network with site gates"),
     (["--strategy", "FedAvg", "--model", "efficient_unet", "--img_size", "48"], "--img_size: 48 px"),
     (["--gpus", "-1"], "--gpus: GPU ids must be >= 0"),
-    (["--set", "ala_groups=decoder,head"], "--ala_groups"),
+    (["--set", "ala_groups=decoder,head"], "ala_groups = 'decoder,head'"),
     (["--set", "no_such_key=1"], "no_such_key"),
     # non-finite or non-positive learning rates (issue 19, finding 6)
     (["--base_lr", "nan"], "base_lr = nan: every number must be finite"),
     (["--base_lr", "-1"], "base_lr = -1.0 must be > 0"),
     (["--base-lr", "0"], "base_lr = 0.0 must be > 0"),
-    (["--set", "ft_lr=nan"], "ft_lr = nan: every number must be finite"),
-    (["--set", "ft_lr=inf"], "ft_lr = inf: every number must be finite"),
+    (["--strategy", "FT", "--set", "ft_lr=nan"], "ft_lr = nan: every number must be finite"),
+    (["--strategy", "FT", "--set", "ft_lr=inf"], "ft_lr = inf: every number must be finite"),
     # a GPU id this machine does not have: refused (on a CPU-only machine, every id)
     (["--gpus", str(torch.cuda.device_count())],
      f"--gpus: GPU ids [{torch.cuda.device_count()}] do not exist"),

@@ -155,6 +155,7 @@ def test_a_live_run_folder_is_refused_naming_its_pid(tiny_federation, tmp_path, 
         return 0
 
     monkeypatch.setattr("deployment.launch.run_deployment", fake_run)
+    monkeypatch.setattr(flower_runner, "run_deployment", fake_run)  # bound at its import
     assert flower_runner.main(tiny_flags(tiny_federation, tmp_path / "model", "--exp", "fresh",
                                          "--port", str(free_base(8)))) == 0
     assert seen["holder"]["pid"] == os.getpid() and seen["holder"]["role"] == "run"

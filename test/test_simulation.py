@@ -15,7 +15,7 @@ REPO = Path(__file__).resolve().parents[1]
 def test_seed_train_flags_resolve_to_the_reference_setup():
     cfg = flower_runner.resolve_config(flower_runner.parse_args(SEED_TRAIN))
     assert (cfg.strategy, cfg.model, cfg.img_class, cfg.exp) == ("FedICRA", "unet_lc_multihead", "faz", "faz/WeaklySeg_pCE")
-    assert (cfg.rounds, cfg.iters, cfg.rep_iters, cfg.batch_size) == (3000, 10, 3, 12)
+    assert (cfg.rounds, cfg.iters, cfg.params.rep_iters, cfg.batch_size) == (3000, 10, 3, 12)
     assert cfg.base_lr == 0.01 and cfg.alpha == 1.0 and cfg.gpus == [0, 1, 2, 3, 4, 5]
     assert cfg.procedure == "flower_pCE_2D_GateCRFMsacleTreeEnergyLoss_Ours"
 

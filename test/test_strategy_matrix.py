@@ -11,7 +11,8 @@ import pytest
 import preflight
 from configs import RunConfig
 from losses.objective import PROCEDURES
-from strategies.registry import strategy_class, strategy_names
+from configs.layers import method_layer
+from methods.registry import method_names
 
 NETWORKS = ("unet", "unet_lc", "unet_lc_multihead")
 KEYS = ("--model", "--procedure", "--label_form", "--num_clients", "--rounds",
@@ -19,19 +20,19 @@ KEYS = ("--model", "--procedure", "--label_form", "--num_clients", "--rounds",
 
 
 def check(strategy: str, model: str, procedure: str):
-    values = dict(strategy_class(strategy).defaults)
+    values = dict(method_layer(strategy)[1])
     values.update(strategy=strategy, model=model, procedure=procedure, img_class="synthetic_faz",
                   num_clients=3, rounds=4, iters=10)
     if strategy == "CT-full":
         values["label_form"] = "mask"
     try:
-        preflight.check_names(RunConfig(**values).validate())
+        preflight.check_names(RunConfig.from_mapping(values).validate())
     except preflight.PreflightError as err:
         return str(err)
     return None
 
 
-@pytest.mark.parametrize("strategy", strategy_names())
+@pytest.mark.parametrize("strategy", method_names())
 def test_each_combination_runs_or_is_refused_naming_the_key(strategy):
     accepted = 0
     for model, procedure in itertools.product(NETWORKS, PROCEDURES):

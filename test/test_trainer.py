@@ -48,7 +48,7 @@ def test_ala_update_rule_matches_hand_computation():
 
 
 def test_w_is_one_before_first_blend_and_blend_with_w_one_returns_global(trainer):
-    trainer.cfg.ala_eta = 0.0  # W never moves from 1
+    trainer.cfg.params.ala_eta = 0.0  # W never moves from 1
     trainer.rule.ala.eta = 0.0
     assert trainer.rule.ala.weights is None
     keys = trainer.keys(ALL.split(","))
@@ -140,10 +140,12 @@ def test_client_id_out_of_range(tiny_federation, tmp_path):
 @pytest.mark.parametrize("method", ["FedAvg", "FedProx", "FedBN", "FedRep", "FedALA", "FedICRA", "Local"])
 def test_every_method_runs_two_rounds_with_its_server_sharing(tiny_federation, tmp_path, method):
     from networks.factory import build_for_run
-    from strategies.registry import strategy_class
 
-    cfg = tiny_run_config(tiny_federation, tmp_path, strategy=method, rounds=3, prox_mu=0.5)
-    strategy = strategy_class(method)(cfg)
+    # ala_layer_idx = 0: the decoder-side blend on this multihead network (FedALA's own
+    # layer_idx = 2 would pick the last two parameters, of an auxiliary head)
+    cfg = tiny_run_config(tiny_federation, tmp_path, strategy=method, rounds=3, prox_mu=0.5,
+                          ala_layer_idx=0)
+    strategy = cfg.method.server(cfg)
     glob = strategy.initial_arrays(build_for_run(cfg))
     config = {"share-include": ",".join(strategy.share_include),
               "share-exclude": ",".join(strategy.share_exclude)}

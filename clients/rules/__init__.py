@@ -1,2 +1,2 @@
-"""Local update rules, one method per module; importing this package registers them all."""
-from . import base, fedala, fedap, fedavg, fedicra, fedlc, fedprox, fedrep, ft, local, metafed  # noqa: F401
+"""The framework of the sites' local rules (:mod:`.base`, :mod:`.ala`); each method's own rule
+lives in its module under ``methods/``."""

@@ -22,13 +22,17 @@ class LocalRule:
     across rounds goes through :meth:`state_dict` / :meth:`load_state_dict`.
     """
 
-    name = "base"
     #: Whether the trainer validates (and checkpoints) the model it has just trained; a rule
     #: that validates another model does it in :meth:`receive` and :meth:`final_validation`.
     validates_trained_model = True
 
     def __init__(self, cfg) -> None:
         self.cfg = cfg
+        self.params = cfg.params  # the method's hyper-parameters
+
+    @property
+    def name(self) -> str:
+        return self.cfg.method.name
 
     def receive(self, trainer: "SiteTrainer", arrays: Mapping[str, np.ndarray],
                 shared: List[str], server_round: int) -> Optional[Dict[str, float]]:
