@@ -16,6 +16,7 @@ import torch
 import torch.nn.functional as F
 from torch import Tensor, nn
 
+from configs.round_keys import SERVER_ROUND, SHARE_EXCLUDE, SHARE_INCLUDE, VALIDATE_GLOBAL
 from configs import RunConfig
 from configs.devices import pick_device
 from dataloaders.dataset import InfiniteBatches, PrefetchBatches, SiteDataset
@@ -240,12 +241,12 @@ class SiteTrainer(StepTrainer):
         Returns the arrays to send back (only those the strategy shares) and the metrics.
         """
         start = time.perf_counter()
-        server_round = int(config["server-round"])
+        server_round = int(config[SERVER_ROUND])
         self.seed_round(server_round)
-        shared = self.keys(_groups(config, "share-include"), _groups(config, "share-exclude"))
+        shared = self.keys(_groups(config, SHARE_INCLUDE), _groups(config, SHARE_EXCLUDE))
         last_good = copy.deepcopy(self.state_dict())
         global_metrics = {}
-        if config.get("validate-global") and is_global_eval_round(server_round, self.cfg.eval_every):
+        if config.get(VALIDATE_GLOBAL) and is_global_eval_round(server_round, self.cfg.eval_every):
             global_metrics = self.validate_global(arrays, shared)
         received = self.rule.receive(self, arrays, shared, server_round) or {}
         if self.cfg.reset_optimizer:
@@ -304,18 +305,18 @@ class SiteTrainer(StepTrainer):
         (``validate-global``), of the received global ``arrays``. A rule that validates another
         model (:meth:`clients.rules.base.LocalRule.final_validation`) scores that one."""
         config = config or {}
-        shared = self.keys(_groups(config, "share-include"), _groups(config, "share-exclude")) \
+        shared = self.keys(_groups(config, SHARE_INCLUDE), _groups(config, SHARE_EXCLUDE)) \
             if arrays else []
         if arrays:
             own = self.rule.final_validation(self, arrays, shared,
-                                             int(config.get("server-round", self.rounds_done)))
+                                             int(config.get(SERVER_ROUND, self.rounds_done)))
             if own is not None:
                 return {"val_dice": own["val_dice"], "best_val_dice": own["best_val_dice"],
                         "num-examples": float(len(self.val_set)), "cid": float(self.cid)}
         score, per_target = validate(self.model, self.val_set, self.cid, self.device, img_size=self.cfg.img_size)
         metrics = {"val_dice": score, "num-examples": float(len(self.val_set)), "cid": float(self.cid)}
         metrics.update({f"val_dice_{k}": v for k, v in per_target.items()})
-        if config.get("validate-global") and arrays:
+        if config.get(VALIDATE_GLOBAL) and arrays:
             metrics.update(self.validate_global(arrays, shared))
         return metrics
 

@@ -32,6 +32,7 @@ from multiprocessing.connection import Connection, answer_challenge, deliver_cha
 from pathlib import Path
 from typing import Any, Dict, List, Mapping, Optional
 
+from configs.round_keys import SERVER_ROUND
 from configs import RunConfig, load_config
 from configs.schema import LOCAL_ONLY_KEYS, SITE_PATH_KEYS
 from strategies.errors import SITE_REFUSED
@@ -144,7 +145,7 @@ class SiteWorker:
             self.check_config(config)
             if op == "train":
                 with self.lock:
-                    self._align(int(config["server-round"]))
+                    self._align(int(config[SERVER_ROUND]))
                     arrays, metrics = self.trainer.train(message.get("arrays") or {}, config)
                 return {"ok": True, "arrays": arrays, "metrics": metrics}
             if op == "evaluate" and config.get("identify"):
@@ -237,7 +238,7 @@ def _serve_connection(worker: SiteWorker, sock: socket.socket, secret: bytes,
                 send(conn, reply)
                 if message.get("op") != "ping":
                     log.info("client %d: %s, round %s, answered in %.2f s", worker.cid,
-                             message.get("op"), (message.get("config") or {}).get("server-round"),
+                             message.get("op"), (message.get("config") or {}).get(SERVER_ROUND),
                              time.perf_counter() - start)
         except EOFError:
             pass

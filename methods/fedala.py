@@ -5,8 +5,10 @@ aggregation of the top ``ala_layer_idx`` parameter tensors; the site half is the
 from __future__ import annotations
 
 from dataclasses import dataclass
+from typing import Optional, Tuple
 
 from clients.rules.ala import ALAParams, ALARule
+from networks.registry import network_info
 from strategies.base import PersonalizedStrategy
 
 from .registry import Method, register_method
@@ -15,6 +17,18 @@ from .registry import Method, register_method
 @dataclass
 class FedALAParams(ALAParams):
     ala_layer_idx: int = 2  # FedALA's layer_idx: the head's weight and bias
+
+
+def refuses_aux_blend(cfg) -> Optional[Tuple[str, str]]:
+    """Blending the top N parameter tensors (``ala_layer_idx = N > 0``) of a network whose
+    last tensors are an auxiliary head would learn weights that the blending loss (pCE of the
+    main output) never reaches."""
+    if cfg.params.ala_layer_idx > 0 and network_info(cfg.model).aux_heads:
+        return "ala_layer_idx", (
+            f"{cfg.params.ala_layer_idx}: the last parameter tensors of {cfg.model!r} belong to "
+            "an auxiliary head, which the blending loss does not reach; use ala_layer_idx = 0 "
+            "(the decoder side) or a network without auxiliary heads")
+    return None
 
 
 class ALAServer(PersonalizedStrategy):
@@ -26,5 +40,5 @@ class ALAServer(PersonalizedStrategy):
 
 
 FEDALA = register_method(Method(
-    name="FedALA", server=ALAServer, site=ALARule, params=FedALAParams,
+    name="FedALA", server=ALAServer, site=ALARule, params=FedALAParams, refuses=refuses_aux_blend,
     summary="FedAvg; sites blend the received head into theirs with learned weights"))

@@ -62,6 +62,7 @@ and :meth:`FedAPParams.fedap_pretrain`.
 """
 from __future__ import annotations
 
+from configs.round_keys import SHARE_EXCLUDE
 import logging
 from dataclasses import dataclass
 from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
@@ -270,7 +271,7 @@ class FedAP(PersonalizedStrategy):
         # BN stays local from the collection round on (that round's message still carries the
         # whole pre-trained model, which the site loads entirely)
         phase = COLLECT if server_round == self.collect_round else PERSONAL
-        return {FEDAP_PHASE: phase, "share-exclude": "bn"}
+        return {FEDAP_PHASE: phase, SHARE_EXCLUDE: "bn"}
 
     def state_dict(self) -> Dict[str, object]:
         """``W``, its client order and every client's next aggregate (a resumed run sends the

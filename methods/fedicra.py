@@ -24,7 +24,7 @@ from typing import Iterable, Tuple
 from clients.rules.ala import ALAParams, ALARule
 from clients.rules.base import head_split_train
 
-from .fedala import ALAServer
+from .fedala import ALAServer, refuses_aux_blend
 from .registry import Method, register_method
 
 
@@ -62,10 +62,10 @@ class FedICRASite(ALARule):
 
 FEDICRA = register_method(Method(
     name="FedICRA", server=FedICRAServer, site=FedICRASite, params=FedICRAParams,
-    model="unet_lc_multihead", procedure="pce_gatedcrf_mstree",
+    model="unet_lc_multihead", procedure="pce_gatedcrf_mstree", refuses=refuses_aux_blend,
     summary="adaptive aggregation of the decoder, site-contrastive weak objective"))
 
 FEDICRA_REF = register_method(Method(
     name="FedICRA-ref", server=FedICRAServer, site=FedICRASite, params=FedICRARefParams,
-    model="unet_lc_multihead", procedure="pce_gatedcrf_mstree",
+    model="unet_lc_multihead", procedure="pce_gatedcrf_mstree", refuses=refuses_aux_blend,
     summary="FedICRA as the published reference code runs its round"))

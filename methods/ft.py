@@ -35,6 +35,7 @@ last federated step.
 """
 from __future__ import annotations
 
+from configs.round_keys import SHARE_EXCLUDE, SHARE_INCLUDE
 import contextlib
 import dataclasses
 import logging
@@ -115,7 +116,7 @@ class FedAvgFineTune(PersonalizedStrategy):
         if server_round == self.fine_tune_round:
             # nothing shared: the site sends no arrays back (FineTuneRule loads every array it
             # receives, the whole global model)
-            return {FINE_TUNE: True, "share-include": "", "share-exclude": ""}
+            return {FINE_TUNE: True, SHARE_INCLUDE: "", SHARE_EXCLUDE: ""}
         return {FINE_TUNE: False}
 
     def aggregate_train(self, server_round: int, replies: Iterable[Message]

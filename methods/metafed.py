@@ -37,6 +37,7 @@ The round configuration carries the stage (:data:`METAFED_STAGE`: :data:`WARM_UP
 """
 from __future__ import annotations
 
+from configs.round_keys import SERVER_ROUND, SHARE_EXCLUDE, SHARE_INCLUDE
 import copy
 import logging
 from dataclasses import dataclass
@@ -194,8 +195,8 @@ class MetaFed(PersonalizedStrategy):
     def round_config(self, server_round: int) -> Dict[str, object]:
         # ring rounds reply with the whole model; the others send nothing back
         share = "all" if self.stage(server_round) == RING else ""
-        return {METAFED_STAGE: self.stage(server_round), "share-include": share,
-                "share-exclude": ""}
+        return {METAFED_STAGE: self.stage(server_round), SHARE_INCLUDE: share,
+                SHARE_EXCLUDE: ""}
 
     def summary(self) -> None:
         log.info("strategy MetaFed: %d clients in a ring; round 1 warm-up, rounds 2..%d one pass "
@@ -228,7 +229,7 @@ class MetaFed(PersonalizedStrategy):
         values[METAFED_TEACHER] = teacher_cid
         self.teachers[node] = teacher_cid
         if values.get(METAFED_STAGE) == RING:
-            log.info("round %s: ring step of client %d (teacher: %s)", values["server-round"],
+            log.info("round %s: ring step of client %d (teacher: %s)", values[SERVER_ROUND],
                      self.node_cid[node], "none" if teacher_cid < 0 else f"client {teacher_cid}")
         return Message(RecordDict({"arrays": arrays, "config": ConfigRecord(values)}),
                        dst_node_id=node, message_type=MessageType.TRAIN)

@@ -28,6 +28,7 @@ from typing import Dict, Iterable, List, Mapping, Optional, Sequence, Tuple
 import numpy as np
 from torch import nn
 
+from configs.round_keys import SERVER_ROUND, SHARE_EXCLUDE, SHARE_INCLUDE, VALIDATE_GLOBAL
 from configs.schema import LOCAL_ONLY_KEYS
 from networks.groups import select_keys
 
@@ -270,10 +271,10 @@ class PersonalizedStrategy(Strategy):
 
     def message_config(self, base: ConfigRecord, server_round: int) -> ConfigRecord:
         values = {k: v for k, v in base.items() if k not in LOCAL_ONLY_KEYS}
-        values.update({"server-round": server_round,
-                       "share-include": ",".join(self.share_include),
-                       "share-exclude": ",".join(self.share_exclude),
-                       "validate-global": self.deploys == "global"})
+        values.update({SERVER_ROUND: server_round,
+                       SHARE_INCLUDE: ",".join(self.share_include),
+                       SHARE_EXCLUDE: ",".join(self.share_exclude),
+                       VALIDATE_GLOBAL: self.deploys == "global"})
         values.update(self.round_config(server_round))
         return ConfigRecord(values)
 

@@ -117,3 +117,16 @@ def test_every_site_half_imports_and_builds_without_flower():
     assert res.returncode == 0, res.stderr[-3000:]
     assert "server: FedICRA: the server half of a method needs Flower" in res.stdout
     assert f"{len(all_methods())} FedICRASite" in res.stdout
+
+
+def test_blending_the_top_tensors_of_a_network_with_auxiliary_heads_is_refused():
+    """FedALA's ``ala_layer_idx = 2`` on ``unet_lc_multihead`` would blend an auxiliary head's
+    tensors, which the blending loss never reaches (backward fails): refused before a run."""
+    fedala = RunConfig.build(strategy="FedALA", model="unet_lc_multihead")
+    assert fedala.method.refusal(fedala)[0] == "ala_layer_idx"
+    plain = RunConfig.build(strategy="FedALA", model="unet")  # FedALA's own network
+    assert plain.method.refusal(plain) is None
+    fedicra = RunConfig.build(strategy="FedICRA")  # the decoder side: ala_layer_idx = 0
+    assert fedicra.method.refusal(fedicra) is None
+    bad = RunConfig.build(strategy="FedICRA", ala_layer_idx=2)
+    assert "auxiliary head" in bad.method.refusal(bad)[1]

@@ -15,12 +15,12 @@ from configs.layers import method_layer
 from methods.registry import method_names
 
 NETWORKS = ("unet", "unet_lc", "unet_lc_multihead")
-KEYS = ("--model", "--procedure", "--label_form", "--num_clients", "--rounds",
+KEYS = ("--model", "--procedure", "--label_form", "--num_clients", "--rounds", "--ala_layer_idx",
         "--fedap_pretrain_rounds")
 
 
-def check(strategy: str, model: str, procedure: str):
-    values = dict(method_layer(strategy)[1])
+def check(strategy: str, model: str, procedure: str, **extra):
+    values = dict(method_layer(strategy)[1], **extra)
     values.update(strategy=strategy, model=model, procedure=procedure, img_class="synthetic_faz",
                   num_clients=3, rounds=4, iters=10)
     if strategy == "CT-full":
@@ -48,8 +48,11 @@ def test_each_combination_runs_or_is_refused_naming_the_key(strategy):
         assert check("FedLC", "unet_lc_multihead_calib", "pce_gatedcrf_mstree") is None
     else:
         assert accepted >= 3, f"{strategy} accepts only {accepted} combinations"
+        # FedALA blends the top tensors (ala_layer_idx = 2): on a network with auxiliary heads
+        # those are an auxiliary head, refused; its decoder-side blend runs there
+        extra = {"ala_layer_idx": 0} if strategy == "FedALA" else {}
         assert check(strategy, "unet_lc_multihead", "pce_gatedcrf_mstree" if strategy != "CT-full"
-                     else "ce_full") is None
+                     else "ce_full", **extra) is None
 
 
 def test_refusals_say_why():
