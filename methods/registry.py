@@ -82,6 +82,9 @@ class Method:
         halves use the module's named constants).
     train : callable, optional
         ``train(cfg) -> exit code`` of a centralised method.
+    network_options : callable, optional
+        ``network_options(cfg) -> dict`` of constructor options the method sets on its
+        network from its own keys (``networks.factory.build_for_run`` passes them).
     summary : str
         One line: what the method is (``--help``, docs).
     """
@@ -101,6 +104,7 @@ class Method:
     refuses: Optional[Callable[[object], Refusal]] = None
     round_keys: Tuple[str, ...] = ()
     train: Optional[Callable[[object], int]] = None
+    network_options: Optional[Callable[[object], Mapping[str, object]]] = None
     summary: str = ""
 
     def __post_init__(self) -> None:

@@ -1,5 +1,5 @@
 """Segmentation networks, built by name: ``networks.build('unet_lc_multihead', 1, 2, ...)``."""
-from . import calibration, efficient_unet, unet  # noqa: F401  (registers the networks)
+from . import calibration, efficient_unet, lppa, unet  # noqa: F401  (registers the networks)
 from .groups import parameter_groups, select_keys
 from .outputs import SegOutput
 from .registry import NetworkInfo, build, network_info, network_names, register_network

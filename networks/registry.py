@@ -35,6 +35,9 @@ class NetworkInfo:
     uncalibrated : str
         For a network with a calibration head: the registered name of the same network
         without it ('' otherwise).
+    site_prompts : bool
+        FedLPPA's learnt prompts (one distribution prompt per site, ``prompts`` group), an
+        auxiliary decoder (``aux_decoder``) and ``forward_train``; built for one ``img_size``.
     """
 
     size_multiple: int
@@ -42,6 +45,7 @@ class NetworkInfo:
     aux_heads: bool = False
     calibration_head: bool = False
     uncalibrated: str = ""
+    site_prompts: bool = False
 
     def __post_init__(self) -> None:
         if self.size_multiple < 1:

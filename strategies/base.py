@@ -153,6 +153,8 @@ class PersonalizedStrategy(Strategy):
         #: why each node missing from the last phase is missing ("client K (node N)": reason)
         self.missing: Dict[str, str] = {}
         self._heard: Dict[int, int] = {}  # node -> when its client id was last learnt
+        #: the client id of each reply :meth:`aggregate_arrays` receives, in its order
+        self.last_cids: List[int] = []
 
     # ------------------------------------------------------------------ hooks
     def shared_keys(self, model: nn.Module) -> List[str]:
@@ -449,6 +451,7 @@ class PersonalizedStrategy(Strategy):
         kept, _ = screen_replies(server_round, list(zip(all_metrics, all_arrays)))
         metrics = [all_metrics[i] for i in kept]
         weights = [float(m["num-examples"]) for m in metrics]
+        self.last_cids = [int(m["cid"]) for m in metrics]  # whose arrays aggregate_arrays gets
         arrays = self.aggregate_arrays(server_round, [all_arrays[i] for i in kept], weights)
         aggregated = mean_metrics(metrics, weights)
         aggregated.pop("cid", None)
