@@ -98,7 +98,7 @@ def all_methods() -> List[Method]:
 
     Methods that are not registered (yet) are left out with a warning.
     """
-    names = ["FedICRA", "FedICRA-ref", "FedAvg", "FT", "FedProx", "FedBN", "FedAP", "FedRep", "MetaFed",
+    names = ["FedICRA", "FedICRA-ref", "FedLPPA", "FedAvg", "FT", "FedProx", "FedBN", "FedAP", "FedRep", "MetaFed",
              "FedALA", "FedLC", "Local", "CT-weak", "CT-full"]
     known = {n.lower(): n for n in method_names()}
     rows = []

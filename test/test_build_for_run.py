@@ -48,8 +48,9 @@ def test_network_factories_with_bare_options_must_be_declared(monkeypatch):
 def test_declared_options_are_accepted_by_the_constructors():
     """Every declared option is a named constructor argument of the network's class."""
     from networks.efficient_unet import EfficientUNet
+    from networks.lppa import LPPAUNet
     from networks.unet import UNet
 
     for name in network_names():
-        cls = EfficientUNet if name == "efficient_unet" else UNet
+        cls = {"efficient_unet": EfficientUNet, "unet_lppa": LPPAUNet}.get(name, UNet)
         assert accepted_run_options(name) <= set(inspect.signature(cls).parameters), name

@@ -18,7 +18,7 @@ import pytest
 
 from benchmarks import compare_strategies as cmp
 
-PAPER_METHODS = ["FedICRA", "FedICRA-ref", "FedAvg", "FT", "FedProx", "FedBN", "FedAP", "FedRep", "MetaFed",
+PAPER_METHODS = ["FedICRA", "FedICRA-ref", "FedLPPA", "FedAvg", "FT", "FedProx", "FedBN", "FedAP", "FedRep", "MetaFed",
                  "FedALA", "FedLC", "Local", "CT-weak", "CT-full"]
 
 
@@ -120,6 +120,21 @@ def test_comparison_writes_every_file_and_resumes_without_retraining(tiny_federa
     # a call for one method still reports every method tested in the folder
     assert cmp.main(_argv(tiny_federation, out, "CT-weak")) == 0
     _check_outputs(out, ["CT-weak", "FedAvg + full objective"])
+
+
+@pytest.mark.slow
+def test_fedlppa_trains_and_is_scored_on_the_synthetic_federation(tiny_federation, tmp_path):
+    """The added method as a real Flower federation through the comparison, each site's own
+    model scored by test_client.py."""
+    out = tmp_path / "lppa"
+    assert cmp.main(_argv(tiny_federation, out, "FedLPPA")) == 0
+    _check_outputs(out, ["FedLPPA"])
+    with open(out / "comparison.csv", newline="") as f:
+        rows = list(csv.DictReader(f))
+    assert {r["model"] for r in rows} == {"personal"}
+    assert all(0.0 <= float(r["dice_mean"]) <= 1.0 for r in rows)
+    config = (cmp.run_dir(out, cmp.Method("FedLPPA", "FedLPPA")) / "config.toml").read_text()
+    assert 'model = "unet_lppa"' in config and 'strategy = "FedLPPA"' in config
 
 
 @pytest.mark.skipif(os.environ.get("FEDICRA_HEAVY") != "1",

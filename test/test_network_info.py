@@ -26,6 +26,8 @@ def tiny(name: str) -> nn.Module:
     torch.manual_seed(0)
     if name == "efficient_unet":
         opts = dict(encoder_name="efficientnet-b0", decoder_channels=(16, 8, 8, 4, 4))
+    elif network_info(name).site_prompts:
+        opts = dict(base_channels=4, img_size=32)
     else:
         opts = dict(base_channels=4, aux_channels=8, pcs_reduction=4)
     opts.update(num_sites=SITES, site=1)
@@ -69,6 +71,14 @@ def assert_declaration_matches(name: str, info: NetworkInfo) -> None:
     assert hasattr(model, "calibrate") == info.calibration_head, "calibration_head"
     # the input size multiple: exactly m (3m is accepted, 3m/2 refused)
     assert getattr(model, "size_multiple", m) == m, "size_multiple"
+    # FedLPPA's prompts: one per site, an auxiliary decoder, one input size (32 px here)
+    assert (hasattr(model, "forward_train") and hasattr(model, "prompts")) == info.site_prompts, \
+        "site_prompts"
+    if info.site_prompts:
+        assert model.prompts.distribution.shape[0] == SITES, "site_prompts"
+        with pytest.raises(ValueError, match="built for 32x32"):
+            model(torch.randn(1, 1, 2 * size, 2 * size))
+        return
     assert _accepts(model, 3 * m), "size_multiple"
     assert not _accepts(model, 3 * m // 2), "size_multiple"
     # the same network without the calibration head
@@ -98,6 +108,8 @@ def test_every_declaration_matches_the_built_network(name):
     ("unet", "calibration_head", True),
     ("unet", "uncalibrated", "unet"),
     ("efficient_unet", "size_multiple", 16),
+    ("unet_lppa", "site_prompts", False),
+    ("unet", "site_prompts", True),
 ])
 def test_a_declaration_wrong_in_any_field_is_caught(name, field, value):
     info = dataclasses.replace(network_info(name), **{field: value})

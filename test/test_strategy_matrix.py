@@ -46,6 +46,11 @@ def test_each_combination_runs_or_is_refused_naming_the_key(strategy):
         assert accepted == 0, "FedLC needs its calibrated network"
         assert check("FedLC", "unet_lc_calib", "pce_sc") is None
         assert check("FedLC", "unet_lc_multihead_calib", "pce_gatedcrf_mstree") is None
+    elif strategy == "FedLPPA":
+        assert accepted == 0, "FedLPPA needs its prompted network"
+        assert check("FedLPPA", "unet_lppa", "pce") is None
+        assert check("FedLPPA", "unet_lppa", "pce_gatedcrf") is None
+        assert check("FedLPPA", "unet_lppa", "pce_sc").startswith("--procedure")
     else:
         assert accepted >= 3, f"{strategy} accepts only {accepted} combinations"
         # FedALA blends the top tensors (ala_layer_idx = 2): on a network with auxiliary heads
