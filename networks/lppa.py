@@ -36,7 +36,8 @@ from .outputs import SegOutput
 from .registry import NetworkInfo, register_network
 import torch.nn.functional as F
 
-from .unet import DEFAULT_DROPOUT, SIZE_MULTIPLE, ConvBlock, UNetEncoder, check_input_size
+from .unet import (DEFAULT_DROPOUT, SIZE_MULTIPLE, ConvBlock, SiteCoded, UNetDecoder,
+                   UNetEncoder, check_input_size)
 
 #: Label kinds of the annotation sparsity prompt, in channel order.
 SPARSITY_KINDS = ("scribble", "block", "point")
@@ -149,30 +150,12 @@ class BilinearUpBlock(nn.Module):
         return self.conv(torch.cat([skip, up], dim=1))
 
 
-class BilinearDecoder(nn.Module):
-    """Four :class:`BilinearUpBlock`; returns the features at 1/8, 1/4, 1/2 and full size."""
-
-    def __init__(self, channels: Sequence[int]) -> None:
-        super().__init__()
-        self.up1 = BilinearUpBlock(channels[4], channels[3], channels[3])
-        self.up2 = BilinearUpBlock(channels[3], channels[2], channels[2])
-        self.up3 = BilinearUpBlock(channels[2], channels[1], channels[1])
-        self.up4 = BilinearUpBlock(channels[1], channels[0], channels[0])
-
-    def forward(self, bottleneck: Tensor, skips: Sequence[Tensor]) -> List[Tensor]:
-        x0, x1, x2, x3 = skips
-        d1 = self.up1(bottleneck, x3)
-        d2 = self.up2(d1, x2)
-        d3 = self.up3(d2, x1)
-        return [d1, d2, d3, self.up4(d3, x0)]
-
-
 class PromptedDecoder(nn.Module):
     """The task decoder: up blocks, then the prototype gate on the full-resolution feature."""
 
     def __init__(self, channels: Sequence[int]) -> None:
         super().__init__()
-        self.up = BilinearDecoder(channels)
+        self.up = UNetDecoder(channels, block=BilinearUpBlock)
         self.prototype = PrototypeMLP(channels[4], (channels[3], channels[2]), channels[0])
 
     def forward(self, bottleneck: Tensor, skips: Sequence[Tensor]) -> List[Tensor]:
@@ -185,7 +168,7 @@ class AuxDecoder(nn.Module):
 
     def __init__(self, channels: Sequence[int], num_classes: int) -> None:
         super().__init__()
-        self.up = BilinearDecoder(channels)
+        self.up = UNetDecoder(channels, block=BilinearUpBlock)
         self.out_conv = nn.Conv2d(channels[0], num_classes, kernel_size=3, padding=1)
 
     def forward(self, bottleneck: Tensor, skips: Sequence[Tensor]) -> Tensor:
@@ -225,7 +208,7 @@ class LPPAOutput:
     site: int
 
 
-class LPPAUNet(nn.Module):
+class LPPAUNet(SiteCoded, nn.Module):
     """FedLPPA's network (see the module docstring).
 
     Parameters
@@ -279,17 +262,6 @@ class LPPAUNet(nn.Module):
         self.out_conv = nn.Conv2d(c[0], num_classes, kernel_size=3, padding=1)
         self.aux_decoder = AuxDecoder(fused_levels, num_classes)
         self.site = site
-
-    @property
-    def site(self) -> int:
-        return self._site
-
-    @site.setter
-    def site(self, value: int) -> None:
-        value = int(value)
-        if not 0 <= value < self.num_sites:
-            raise ValueError(f"site must be in [0, {self.num_sites - 1}], got {value}")
-        self._site = value
 
     def sparsity_prompt(self, like: Tensor) -> Tensor:
         """(3, h, w): ones in the channel of the site's label kind, zeros elsewhere."""

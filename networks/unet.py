@@ -13,7 +13,7 @@ Top-level submodules name the parameter groups used by the federated strategies:
 """
 from __future__ import annotations
 
-from typing import List, Optional, Sequence, Tuple
+from typing import List, Optional, Sequence, Tuple, Type
 
 import torch
 from torch import Tensor, nn
@@ -97,14 +97,15 @@ class UNetEncoder(nn.Module):
 
 
 class UNetDecoder(nn.Module):
-    """Four up blocks; returns the decoder features at 1/8, 1/4, 1/2 and full resolution."""
+    """Four up blocks (``block(in, skip, out)``, default :class:`UpBlock`); returns the
+    decoder features at 1/8, 1/4, 1/2 and full resolution."""
 
-    def __init__(self, channels: Sequence[int]) -> None:
+    def __init__(self, channels: Sequence[int], block: Type[nn.Module] = UpBlock) -> None:
         super().__init__()
-        self.up1 = UpBlock(channels[4], channels[3], channels[3])
-        self.up2 = UpBlock(channels[3], channels[2], channels[2])
-        self.up3 = UpBlock(channels[2], channels[1], channels[1])
-        self.up4 = UpBlock(channels[1], channels[0], channels[0])
+        self.up1 = block(channels[4], channels[3], channels[3])
+        self.up2 = block(channels[3], channels[2], channels[2])
+        self.up3 = block(channels[2], channels[1], channels[1])
+        self.up4 = block(channels[1], channels[0], channels[0])
 
     def forward(self, bottleneck: Tensor, skips: Sequence[Tensor]) -> List[Tensor]:
         x0, x1, x2, x3 = skips
@@ -128,7 +129,26 @@ class AuxHead(nn.Sequential):
         )
 
 
-class UNet(nn.Module):
+class SiteCoded:
+    """Mixin of networks built for one site of ``num_sites``: ``site``, the own site code
+    used by ``forward``, checked on assignment (it may be reassigned at any time)."""
+
+    num_sites: int
+
+    @property
+    def site(self) -> int:
+        """Own site index, the site code used by ``forward``."""
+        return self._site
+
+    @site.setter
+    def site(self, value: int) -> None:
+        value = int(value)
+        if not 0 <= value < self.num_sites:
+            raise ValueError(f"site must be in [0, {self.num_sites - 1}], got {value}")
+        self._site = value
+
+
+class UNet(SiteCoded, nn.Module):
     """U-Net with optional personalised channel selection and auxiliary heads.
 
     Parameters
@@ -203,18 +223,6 @@ class UNet(nn.Module):
             else None
         )
         self.site = site
-
-    @property
-    def site(self) -> int:
-        """Own site index, the site code used by :meth:`forward`."""
-        return self._site
-
-    @site.setter
-    def site(self, value: int) -> None:
-        value = int(value)
-        if not 0 <= value < self.num_sites:
-            raise ValueError(f"site must be in [0, {self.num_sites - 1}], got {value}")
-        self._site = value
 
     @property
     def personalised(self) -> bool:

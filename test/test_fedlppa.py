@@ -4,10 +4,11 @@ The network has the reference's layers and parameter count; the prompt and pseud
 match brute-force formulas; through the server every array leaves a site, each site's
 distribution prompt comes back as that site's own, the auxiliary decoder each site receives is
 the prompt-affinity mean computed by hand from the previous round's replies, and the personal
-models are deployed (scored by ``test_client.py`` in test_compare.py).
+models are scored by ``test_client.py``.
 """
 from __future__ import annotations
 
+import csv
 import numpy as np
 import pytest
 import torch
@@ -140,6 +141,8 @@ def lppa_config(root, tmp_path, **overrides):
 
 def test_fedlppa_round_trip_owned_prompts_and_per_site_auxiliary_decoders(
         tiny_federation, tmp_path, task_identity):
+    import test_client
+    from configs import save_config
     from strategies.server_app import run_server
 
     cfg = lppa_config(tiny_federation, tmp_path, iters=1, ala_warmup_iters=1)
@@ -187,8 +190,14 @@ def test_fedlppa_round_trip_owned_prompts_and_per_site_auxiliary_decoders(
         key = next(k for k in aux if k.endswith("weight"))
         assert not np.array_equal(payloads[0][key], payloads[1][key])
 
-    for k in range(3):  # personal models deployed (scored in test_compare.py)
-        assert (exp / f"client{k}" / "best.pt").exists()
+    save_config(cfg, exp / "config.toml")  # as the runner does before a run
+    assert test_client.main(["--client", "all", "--exp", cfg.exp, "--out_root", cfg.out_root,
+                             "--no_images"]) == 0
+    with open(exp / "test" / "result.csv") as f:
+        results = list(csv.DictReader(f))
+    assert {(r["model"], r["checkpoint"]) for r in results} == \
+        {("personal", f"client{k}/best.pt") for k in range(3)}
+    assert all(0.0 <= float(r["dice"]) <= 1.0 for r in results)
 
 
 def test_site_loss_is_pce_plus_weighted_prompt_and_pseudo_terms(tiny_federation, tmp_path):
