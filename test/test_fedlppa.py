@@ -234,3 +234,47 @@ def test_defaults_and_refusals_name_the_key(tmp_path):
                 {"lppa_divergence": "mse"}):
         with pytest.raises(ValueError, match=next(iter(bad))):
             RunConfig.build(strategy="FedLPPA", **bad).validate()
+
+
+def test_server_aggregation_by_hand_on_toy_arrays():
+    from configs import RunConfig
+    from methods.fedlppa import FedLPPAServer
+    from strategies.base import to_numpy, to_record
+
+    rng = np.random.default_rng(3)
+    replies = [{DISTRIBUTION_KEY: rng.random((3, 2, 2)).astype(np.float32),
+                UNIVERSAL_KEY: rng.random((1, 2, 2)).astype(np.float32),
+                "encoder.w": rng.normal(size=4).astype(np.float32),
+                "aux_decoder.w": rng.normal(size=5).astype(np.float32),
+                "aux_decoder.n.num_batches_tracked": np.array(7 + j, dtype=np.int64)}
+               for j in range(3)]
+    cids, weights = [2, 0, 1], np.array([1.0, 2.0, 3.0])
+    for owner in (True, False):
+        cfg = RunConfig.build(strategy="FedLPPA", model="unet_lppa", img_size=32, num_clients=3,
+                              lppa_prompt_owner=owner)
+        server = FedLPPAServer(cfg)
+        server.last_cids = cids
+        mean = server.aggregate_arrays(1, replies, list(weights))
+
+        def wmean(key):
+            return sum(w * r[key].astype(np.float64) for w, r in zip(weights, replies)) / weights.sum()
+
+        np.testing.assert_allclose(mean["encoder.w"], wmean("encoder.w"), rtol=1e-6)
+        np.testing.assert_allclose(mean[UNIVERSAL_KEY], wmean(UNIVERSAL_KEY), rtol=1e-6)
+        rows = wmean(DISTRIBUTION_KEY)
+        if owner:  # row c is client c's own, whatever the others sent
+            for j, c in enumerate(cids):
+                rows[c] = replies[j][DISTRIBUTION_KEY][c]
+        np.testing.assert_allclose(mean[DISTRIBUTION_KEY], rows, rtol=1e-6)
+        c = prompt_affinity(rows, wmean(UNIVERSAL_KEY))
+        aux = {cid: replies[j]["aux_decoder.w"].astype(np.float64) for j, cid in enumerate(cids)}
+        for i in range(3):
+            want = sum(c[i, k] * aux[k] for k in range(3)) / c[i].sum()
+            np.testing.assert_allclose(server.personal[i]["aux_decoder.w"], want, rtol=1e-5)
+            assert set(server.personal[i]) == {"aux_decoder.w"}  # counters keep the mean
+        server.node_cid = {77: 1}
+        sent = to_numpy(server.payload_for(77, to_record(mean)))
+        np.testing.assert_allclose(sent["aux_decoder.w"], server.personal[1]["aux_decoder.w"])
+        np.testing.assert_array_equal(sent["encoder.w"], mean["encoder.w"])
+        unknown = to_numpy(server.payload_for(78, to_record(mean)))
+        np.testing.assert_array_equal(unknown["aux_decoder.w"], mean["aux_decoder.w"])
