@@ -12,12 +12,13 @@ from typing import Dict, Iterable, List, Mapping, Optional
 
 import numpy as np
 
-#: Columns of metrics.csv; loss terms a method does not produce stay empty. ``missing`` is 1 on
+#: Columns of metrics.csv; loss terms a method does not produce stay empty (``prompt`` and
+#: ``pseudo``: FedLPPA's prompt divergence and pseudo-label terms). ``missing`` is 1 on
 #: the row of a client that did not answer the round (its other columns empty), else 0.
 #: ``val_dice_global`` and ``val_dice_blend`` in the row of round r score the aggregate of round
 #: r - 1: the received global model, and the site's model blended with it (``ala_validate_blend``).
 CSV_COLUMNS = ("round", "client", "num_examples", "total", "pce", "tree", "crf", "sc", "calib", "extra",
-               "lr", "val_dice", "best_val_dice", "val_dice_global", "val_dice_blend", "diverged",
+               "prompt", "pseudo", "lr", "val_dice", "best_val_dice", "val_dice_global", "val_dice_blend", "diverged",
                "seconds", "missing")
 
 
