@@ -26,8 +26,11 @@ PLACE_COLUMNS = {"run"}
 
 
 def csv_rows(path: Path, skip: Iterable[str] = ()) -> List[Dict[str, str]]:
+    """The rows without the ``skip`` columns and without empty cells (a column that a later
+    format adds, empty for the runs compared, is no computed value)."""
     with open(path, newline="") as f:
-        return [{k: v for k, v in row.items() if k not in skip} for row in csv.DictReader(f)]
+        return [{k: v for k, v in row.items() if k not in skip and v != ""}
+                for row in csv.DictReader(f)]
 
 
 def flat_tensors(obj, prefix: str = "") -> Dict[str, np.ndarray]:
@@ -88,8 +91,11 @@ def main(argv: List[str] = None) -> int:
     p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     p.add_argument("before", type=Path, help="folder holding the run folders made before")
     p.add_argument("after", type=Path, help="folder holding the same runs made after")
+    p.add_argument("--only-after", action="store_true",
+                   help="compare only the runs found in AFTER (a subset rerun)")
     args = p.parse_args(argv)
-    runs = sorted(d.name for d in args.before.iterdir() if (d / "metrics.csv").is_file())
+    runs = sorted(d.name for d in args.before.iterdir() if (d / "metrics.csv").is_file()
+                  and (not args.only_after or (args.after / d.name / "metrics.csv").is_file()))
     if not runs:
         raise SystemExit(f"{args.before}: no run folder (with a metrics.csv) inside")
     bad = 0
