@@ -100,6 +100,25 @@ def tiny_run_config(root: Path, out_root: Path, **overrides):
     return RunConfig.from_mapping(values).validate()
 
 
+def score_personal_models(cfg, clients: int = 3) -> list:
+    """Save the run's config snapshot (as the runner does), score every client with
+    ``test_client.py`` and check that each was tested with its own ``client<k>/best.pt``;
+    returns the rows of ``test/result.csv``."""
+    import csv
+
+    import test_client
+    from configs import save_config
+
+    save_config(cfg, cfg.out_dir / "config.toml")
+    assert test_client.main(["--client", "all", "--exp", cfg.exp, "--out_root", cfg.out_root,
+                             "--no_images"]) == 0
+    with open(cfg.out_dir / "test" / "result.csv") as f:
+        results = list(csv.DictReader(f))
+    assert {(r["model"], r["checkpoint"]) for r in results} == \
+        {("personal", f"client{k}/best.pt") for k in range(clients)}
+    return results
+
+
 class InProcessGrid:
     """A Grid for ``Strategy.start`` that hands every message to an in-process site worker
     (the deployment's :class:`deployment.worker.SiteWorker`) and records the traffic."""

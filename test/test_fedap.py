@@ -16,7 +16,8 @@ import pytest
 import torch
 
 import preflight
-from conftest import InProcessGrid, task_identity, tiny_run_config  # noqa: F401
+from conftest import (InProcessGrid, score_personal_models, task_identity,  # noqa: F401
+                      tiny_run_config)
 from methods.fedap import (COLLECT, FEDAP_PHASE, STATS_PREFIX, bn_distance, fedap_weights,
                            personalised_aggregates, split_stats)
 
@@ -153,8 +154,6 @@ def test_collected_statistics_are_the_exact_moments_of_the_bn_inputs(tiny_federa
 # ---------------------------------------------------------------------- the whole server
 def test_fedap_sends_each_client_only_its_own_aggregate_and_keeps_bn_local(
         tiny_federation, tmp_path, task_identity):
-    import test_client
-    from configs import save_config
     from strategies.server_app import run_server
 
     cfg = tiny_run_config(tiny_federation, tmp_path, strategy="FedAP", model="unet", rounds=4,
@@ -220,13 +219,7 @@ def test_fedap_sends_each_client_only_its_own_aggregate_and_keeps_bn_local(
     assert sorted((int(r["round"]), int(r["client"])) for r in rows) == \
         [(r, c) for r in (1, 2, 3, 4) for c in range(3)]
 
-    save_config(cfg, exp / "config.toml")  # as the runner does before a run
-    assert test_client.main(["--client", "all", "--exp", cfg.exp, "--out_root", cfg.out_root,
-                             "--no_images"]) == 0
-    with open(exp / "test" / "result.csv") as f:
-        results = list(csv.DictReader(f))
-    assert {(r["model"], r["checkpoint"]) for r in results} == \
-        {("personal", f"client{k}/best.pt") for k in range(3)}
+    results = score_personal_models(cfg)
 
 
 # ---------------------------------------------------------------------- defaults and refusals

@@ -8,14 +8,14 @@ models are scored by ``test_client.py``.
 """
 from __future__ import annotations
 
-import csv
 import numpy as np
 import pytest
 import torch
 import torch.nn.functional as F
 
 import preflight
-from conftest import InProcessGrid, task_identity, tiny_run_config  # noqa: F401
+from conftest import (InProcessGrid, score_personal_models, task_identity,  # noqa: F401
+                      tiny_run_config)
 from losses.lppa import prompt_divergence_loss, pseudo_label_dice_loss, squared_dice_loss
 from methods.fedlppa import (AUX_PREFIX, DISTRIBUTION_KEY, UNIVERSAL_KEY, aux_sources,
                              prompt_affinity)
@@ -141,8 +141,6 @@ def lppa_config(root, tmp_path, **overrides):
 
 def test_fedlppa_round_trip_owned_prompts_and_per_site_auxiliary_decoders(
         tiny_federation, tmp_path, task_identity):
-    import test_client
-    from configs import save_config
     from strategies.server_app import run_server
 
     cfg = lppa_config(tiny_federation, tmp_path, iters=1, ala_warmup_iters=1)
@@ -190,13 +188,7 @@ def test_fedlppa_round_trip_owned_prompts_and_per_site_auxiliary_decoders(
         key = next(k for k in aux if k.endswith("weight"))
         assert not np.array_equal(payloads[0][key], payloads[1][key])
 
-    save_config(cfg, exp / "config.toml")  # as the runner does before a run
-    assert test_client.main(["--client", "all", "--exp", cfg.exp, "--out_root", cfg.out_root,
-                             "--no_images"]) == 0
-    with open(exp / "test" / "result.csv") as f:
-        results = list(csv.DictReader(f))
-    assert {(r["model"], r["checkpoint"]) for r in results} == \
-        {("personal", f"client{k}/best.pt") for k in range(3)}
+    results = score_personal_models(cfg)
     assert all(0.0 <= float(r["dice"]) <= 1.0 for r in results)
 
 
