@@ -9,8 +9,6 @@ key.
 """
 from __future__ import annotations
 
-import csv
-
 import numpy as np
 import pytest
 import torch
@@ -18,7 +16,8 @@ import torch.nn.functional as F
 
 import flower_runner
 import preflight
-from conftest import InProcessGrid, task_identity, tiny_run_config  # noqa: F401
+from conftest import (InProcessGrid, score_personal_models, task_identity,  # noqa: F401
+                      tiny_run_config)
 from networks import build
 from networks.calibration import HEAD_KEYS, CalibratedUNet, head_key, parse_head_key
 from networks.groups import select_keys
@@ -294,7 +293,6 @@ def test_every_other_site_weighs_the_same_in_the_contrastive_term():
 def test_heads_travel_to_every_site_and_the_calibration_never_leaves(tiny_federation, tmp_path,
                                                                     task_identity):
     import test_client
-    from configs import save_config
     from networks.factory import build_for_run
     from strategies.server_app import run_server
 
@@ -357,13 +355,7 @@ def test_heads_travel_to_every_site_and_the_calibration_never_leaves(tiny_federa
     x = torch.rand(1, 1, 32, 32)
     tested.eval()
     assert not torch.allclose(tested(x).logits, tested(x, calibrated=False).logits)
-    save_config(cfg, cfg.out_dir / "config.toml")
-    assert test_client.main(["--client", "all", "--exp", cfg.exp, "--out_root", cfg.out_root,
-                             "--no_images"]) == 0
-    with open(cfg.out_dir / "test" / "result.csv") as f:
-        results = list(csv.DictReader(f))
-    assert {(r["model"], r["checkpoint"]) for r in results} == \
-        {("personal", f"client{k}/best.pt") for k in range(3)}
+    score_personal_models(cfg)
 
 
 def test_head_keys_are_not_model_keys():
