@@ -49,7 +49,7 @@ from clients.rules.base import LocalRule, load_whole_model
 from clients.trainer import poly_lr
 from networks.checkpoint import run_meta, save_atomic
 from strategies.base import PersonalizedStrategy
-from strategies.flower import ArrayRecord, ConfigRecord, Grid, Message, MetricRecord
+from strategies.flower import ArrayRecord, Message, MetricRecord
 
 from .registry import Method, MethodParams, register_method
 
@@ -154,14 +154,6 @@ class FedAvgFineTune(PersonalizedStrategy):
         log.info("fine-tuning (round %d) | clients %d/%d | train loss %.4f | val dice %s",
                  server_round, len(metrics), self.cfg.num_clients,
                  summary.get("total", float("nan")), "-" if val is None else f"{val:.4f}")
-
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        # the personalised models are final only after the fine-tuning round
-        if server_round < self.fine_tune_round:
-            self._sent = 0
-            return []
-        return super().configure_evaluate(server_round, arrays, config, grid)
 
 
 # ====================================================================== site

@@ -354,14 +354,6 @@ class MetaFed(PersonalizedStrategy):
         # None: Flower keeps the last ring model; no global checkpoint is written
         return None, MetricRecord(summary)
 
-    def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
-                           grid: Grid) -> Iterable[Message]:
-        # the personal models are final only after the personalisation round
-        if server_round < self.personalise_round:
-            self._sent = 0
-            return []
-        return super().configure_evaluate(server_round, arrays, config, grid)
-
 
 # ====================================================================== site
 def metafed_stage(server_round: int, rounds: int) -> str:

@@ -475,7 +475,9 @@ class PersonalizedStrategy(Strategy):
 
     def configure_evaluate(self, server_round: int, arrays: ArrayRecord, config: ConfigRecord,
                            grid: Grid) -> Iterable[Message]:
-        if server_round < self.cfg.rounds:
+        # the models are final only after the last round, extra rounds included (FT's
+        # fine-tuning, MetaFed's personalisation)
+        if server_round < self.cfg.rounds + self.extra_rounds:
             self._sent = 0
             return []
         nodes = self.wait_for_nodes(grid, server_round, config)
