@@ -4,6 +4,7 @@ every site's trainer state and metrics.csv; what ``--resume`` refuses."""
 from __future__ import annotations
 
 import csv
+import os
 import signal
 import subprocess
 import sys
@@ -20,6 +21,8 @@ from conftest import InProcessGrid, free_base, task_identity, tiny_run_config  #
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = 3
+HEAVY = pytest.mark.skipif(os.environ.get("FEDICRA_HEAVY") != "1",
+                           reason="a minute or more of training: FEDICRA_HEAVY=1 runs it")
 
 
 class Interrupted(Exception):
@@ -99,6 +102,17 @@ def assert_same_run(resumed: Path, reference: Path, clients: int = CLIENTS) -> N
     ("MetaFed", dict(model="unet"), 3, 1),
     # FT: interrupted in the fine-tuning round (rounds + 1), after the last aggregate
     ("FT", dict(model="unet", ft_iters=2, ft_lr=0.005), 5, 2),
+    # the rows of the converged comparison, which runs over several sittings. FedICRA-ref:
+    # W reset, a whole-global start every 4 iterations, the blend validated one round late
+    # (round 2's validation runs in round 3, which is interrupted)
+    ("FedICRA-ref", dict(ala_warmup_iters=2, ala_reset_weights=True, ala_reset_every_iters=4,
+                         ala_validate_blend=True, ala_w_init=0.0), 3, 2),
+    # FedICRA: W carried across rounds; FedLPPA: owned prompt rows, per-site auxiliary
+    # decoders, a blended task decoder (a minute or more each: FEDICRA_HEAVY=1)
+    pytest.param("FedICRA", dict(ala_warmup_iters=2), 3, 1, marks=HEAVY),
+    pytest.param("FedLPPA", dict(model="unet_lppa", img_size=32, ala_warmup_iters=2), 3, 1,
+                 marks=HEAVY),
+    pytest.param("FedRep", dict(model="unet"), 3, 2, marks=HEAVY),
 ])
 def test_a_resumed_run_ends_bit_identical_to_an_uninterrupted_one(
         tiny_federation, tmp_path, task_identity, strategy, values, at, after):
