@@ -36,6 +36,7 @@ def main(argv: Optional[List[str]] = None) -> int:
 
     from clients.trainer import SiteTrainer
     from configs.layers import absolute_paths, resolve_layers
+    from configs.round_keys import SERVER_ROUND, SHARE_EXCLUDE, SHARE_INCLUDE
     from flower_runner import parse_args
     from networks.factory import build_for_run
 
@@ -55,8 +56,8 @@ def main(argv: Optional[List[str]] = None) -> int:
     print("|---|---|---|")
     for server_round in range(1, args.rounds + 1):
         start = time.perf_counter()
-        trainer.train(initial, {"server-round": server_round, "share-include": "all",
-                                "share-exclude": ""})
+        trainer.train(initial, {SERVER_ROUND: server_round, SHARE_INCLUDE: "all",
+                                SHARE_EXCLUDE: ""})
         peak_mb = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
         print(f"| {server_round} | {time.perf_counter() - start:.0f} | {peak_mb:.0f} |", flush=True)
     print(f"\ncommand: python -m benchmarks.site_memory {' '.join(sys.argv[1:] if argv is None else argv)}")
