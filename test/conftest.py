@@ -163,3 +163,9 @@ def task_identity(monkeypatch):
 
     for name in ("_run_id", "_node_id", "_task_id"):
         monkeypatch.setattr(TaskIdentity, name, 1)
+
+
+def heavy(why: str):
+    """Skip a test unless ``FEDICRA_HEAVY=1``: minutes of training that CI leaves out."""
+    return pytest.mark.skipif(os.environ.get("FEDICRA_HEAVY") != "1",
+                              reason=f"{why}: FEDICRA_HEAVY=1 runs it")

@@ -11,12 +11,12 @@ from __future__ import annotations
 
 import csv
 import json
-import os
 from pathlib import Path
 
 import pytest
 
 from benchmarks import compare_strategies as cmp
+from conftest import heavy
 
 PAPER_METHODS = ["FedICRA", "FedICRA-ref", "FedLPPA", "FedAvg", "FT", "FedProx", "FedBN", "FedAP", "FedRep", "MetaFed",
                  "FedALA", "FedLC", "Local", "CT-weak", "CT-full"]
@@ -123,9 +123,8 @@ def test_comparison_writes_every_file_and_resumes_without_retraining(tiny_federa
 
 
 @pytest.mark.slow
-@pytest.mark.skipif(os.environ.get("FEDICRA_HEAVY") != "1",
-                    reason="a Flower federation per method: FEDICRA_HEAVY=1 runs it (test_fedlppa.py "
-                           "runs the same server and sites in one process)")
+@heavy("a Flower federation per method (test_fedlppa.py runs the same server and sites in "
+       "one process)")
 def test_fedlppa_trains_and_is_scored_on_the_synthetic_federation(tiny_federation, tmp_path):
     """The added method as a real Flower federation through the comparison, each site's own
     model scored by test_client.py."""
@@ -140,8 +139,7 @@ def test_fedlppa_trains_and_is_scored_on_the_synthetic_federation(tiny_federatio
     assert 'model = "unet_lppa"' in config and 'strategy = "FedLPPA"' in config
 
 
-@pytest.mark.skipif(os.environ.get("FEDICRA_HEAVY") != "1",
-                    reason="every method end to end takes minutes: FEDICRA_HEAVY=1 runs it")
+@heavy("every method end to end takes minutes")
 def test_every_method_end_to_end(tiny_federation, tmp_path):
     out = tmp_path / "all"
     assert cmp.main(_argv(tiny_federation, out, "all")) == 0

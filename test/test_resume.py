@@ -4,7 +4,6 @@ every site's trainer state and metrics.csv; what ``--resume`` refuses."""
 from __future__ import annotations
 
 import csv
-import os
 import signal
 import subprocess
 import sys
@@ -17,12 +16,11 @@ import pytest
 import torch
 
 import flower_runner
-from conftest import InProcessGrid, free_base, task_identity, tiny_run_config  # noqa: F401
+from conftest import InProcessGrid, free_base, heavy, task_identity, tiny_run_config  # noqa: F401
 
 REPO = Path(__file__).resolve().parents[1]
 CLIENTS = 3
-HEAVY = pytest.mark.skipif(os.environ.get("FEDICRA_HEAVY") != "1",
-                           reason="a minute or more of training: FEDICRA_HEAVY=1 runs it")
+HEAVY = heavy("a minute or more of training")
 
 
 class Interrupted(Exception):
