@@ -13,8 +13,12 @@ FedICRA's network and weakly supervised objective, so that the table separates w
 objective gains from what the federated method gains.
 
 Seeds: ``--seed S`` (or none: the configuration's) runs every method once, as before;
-``--seeds A,B,C`` runs every method once per seed (``--seeds S`` with one seed is ``--seed S``).
-A seed changes the initialisation and the train/validation split, never the test set.
+``--seeds A,B,C`` runs every method once per seed (``--seeds S`` with one seed is ``--seed S``),
+seed by seed: every method's first seed before any method's second, so that an interrupted
+comparison leaves whole seeds. A seed changes the initialisation and the train/validation
+split, never the test set. ``--seed S`` refuses a ``DIR`` whose ``runs/<method>/`` holds a
+finished run of another seed (it would report that run as seed ``S``): add seeds to a
+single-seed comparison with ``--seeds OLD,S`` instead, which keeps the old run.
 
 Written to ``--out DIR``:
 
@@ -186,6 +190,18 @@ def result_dir(out: Path, method: Method, seed: Optional[int] = None) -> Optiona
 
 def is_done(out: Path, method: Method, seed: Optional[int] = None) -> bool:
     return result_dir(out, method, seed) is not None
+
+
+def other_seed_runs(out: Path, methods: Sequence[Method], seed: int) -> Dict[Path, Optional[int]]:
+    """The finished single-seed folders ``runs/<method>/`` of ``methods`` whose snapshot seed
+    is not ``seed``, with that seed: a single-seed call with ``--seed seed`` must neither skip
+    them as done nor overwrite them."""
+    clashes = {}
+    for method in methods:
+        folder = run_dir(out, method)
+        if _finished(folder) and snapshot_seed(folder) != seed:
+            clashes[folder] = snapshot_seed(folder)
+    return clashes
 
 
 def train_command(args: argparse.Namespace, method: Method, port: int,
@@ -710,13 +726,22 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     methods = select_methods(args.methods)
     plan: List[Optional[int]] = list(args.seeds) if args.seeds else [None]
+    if args.seed is not None:
+        clashes = other_seed_runs(out, all_methods(), args.seed)
+        if clashes:
+            old_seeds = sorted({str(s) for s in clashes.values() if s is not None}) or ["OLD"]
+            raise SystemExit(
+                f"--seed {args.seed}: {out} already holds finished runs of another seed: "
+                + ", ".join(f"{folder} (seed {s})" for folder, s in clashes.items())
+                + f". Give --seeds {','.join(old_seeds)},{args.seed} instead (one folder per "
+                "seed; the finished runs are kept and not trained again) or another --out.")
     # the reports hold every method tested in DIR, also those of earlier calls
     reported = [m for m in all_methods()
                 if m in methods or any(is_done(out, m, s) for s in plan)]
     log.info("comparing %s in %s%s", ", ".join(m.label for m in methods), out,
              f", seeds {', '.join(map(str, args.seeds))}" if args.seeds else "")
     title = str(args.config or args.task)
-    jobs = [(m, s) for m in methods for s in plan]
+    jobs = [(m, s) for s in plan for m in methods]  # seed-major: whole seeds first
     failed = []
     for i, (method, seed) in enumerate(jobs, 1):
         name = method.label + ("" if seed is None else f" seed {seed}")

@@ -301,6 +301,40 @@ def test_several_seeds_resume_runs_only_the_missing_method_and_seed(tmp_path, mo
     assert {r["method"] for r in rows} == {"FedICRA", "FedRep"}
 
 
+def test_several_seeds_train_seed_by_seed(tmp_path, monkeypatch):
+    """Every method's first seed before any method's second: an interrupted comparison leaves
+    whole seeds."""
+    trained = []
+
+    def fake_run_method(args, method, seed=None):
+        trained.append((method.label, seed))
+        fake_run(cmp.run_dir(tmp_path, method, seed), {key: 0.5 for key in CASES}, seed=seed)
+        return {"total_seconds": 1.0}
+
+    monkeypatch.setattr(cmp, "run_method", fake_run_method)
+    assert cmp.main(["--task", "faz", "--methods", "FedICRA,FedRep", "--seeds", "1,2",
+                     "--out", str(tmp_path)]) == 0
+    assert trained == [("FedICRA", 1), ("FedRep", 1), ("FedICRA", 2), ("FedRep", 2)]
+
+
+def test_one_seed_refuses_a_folder_holding_another_seeds_runs(tmp_path, monkeypatch, capsys):
+    """``--seeds 2023`` (one seed: the single-seed layout) on a DIR whose runs/<method>/ holds a
+    finished seed-2022 run must not report that run as seed 2023, nor overwrite it; the error
+    says which command adds the seed."""
+    fake_run(cmp.run_dir(tmp_path, cmp.select_methods("FedRep")[0]),
+             {key: 0.5 for key in CASES}, seed=2022)
+    trained = []
+    monkeypatch.setattr(cmp, "run_method", lambda args, method, seed=None: trained.append(method))
+    for flag in (["--seeds", "2023"], ["--seed", "2023"]):
+        with pytest.raises(SystemExit, match=r"FedRep \(seed 2022\).*--seeds 2022,2023"):
+            cmp.main(["--task", "faz", "--methods", "FedICRA", *flag, "--out", str(tmp_path)])
+    assert trained == [] and not (tmp_path / "comparison.csv").exists()
+    # the same seed is the finished run: skipped, reported
+    assert cmp.main(["--task", "faz", "--methods", "FedRep", "--seed", "2022",
+                     "--out", str(tmp_path)]) == 0
+    assert trained == [] and {r["method"] for r in _rows(tmp_path / "comparison.csv")} == {"FedRep"}
+
+
 def test_paired_wilcoxon_against_fedicra_on_case_dice_averaged_over_seeds(tmp_path):
     import numpy as np
     from scipy.stats import wilcoxon
