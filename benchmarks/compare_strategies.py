@@ -51,9 +51,13 @@ are combined by averaging each test case's Dice over the seeds first; the pairs 
 test cases. All-zero differences give p = 1; cases whose Dice is undefined are left out.
 
 A method (and seed) whose test results are already in ``DIR`` is skipped, so an interrupted
-comparison resumes where it stopped: a half-finished federated run of the same configuration
-continues after its last completed round (``flower_runner.py --resume``), one whose training
-ended is only tested; any other half-finished run is trained again from the start.
+comparison resumes where it stopped, provided its configuration snapshot is what this call
+would train (keys that change no computed value aside, :data:`RUN_ONLY_KEYS`); a finished run
+configured otherwise (another ``--rounds``, ``--set``, configuration or code default) stops
+the call before any training, naming the run and the keys. A half-finished federated run of
+the same configuration continues after its last completed round (``flower_runner.py
+--resume``), one whose training ended is only tested; any other half-finished run is trained
+again from the start.
 """
 from __future__ import annotations
 
@@ -239,36 +243,73 @@ def test_command(args: argparse.Namespace, method: Method, seed: Optional[int] =
     return cmd
 
 
+#: keys that change no computed value of a run (where its processes run, where its files go,
+#: how long the server waits, what TensorBoard shows): a run that differs from the command
+#: only in these is the same run
+RUN_ONLY_KEYS = ("exp", "out_root", "root_path", "round_timeout", "tb_images_every", "prefetch")
+
+
+def config_differences(train: List[str], folder: Path) -> Optional[List[str]]:
+    """The keys in which the configuration snapshot of the run in ``folder`` differs from what
+    ``train`` (the fresh command) would train, as ``'key: saved -> wanted'``, other than
+    :data:`RUN_ONLY_KEYS` and the site-local ones (the data path of a run copied from another
+    machine differs, the data need not); None when the snapshot or the command is unreadable."""
+    from configs import load_config
+    from configs.layers import absolute_paths, resolve_layers
+    from configs.schema import LOCAL_ONLY_KEYS
+    from flower_runner import parse_args
+
+    try:
+        saved = load_config(folder / "config.toml").to_dict()
+        wanted = absolute_paths(resolve_layers(parse_args(train[2:]))[0]).to_dict()
+    except (ValueError, OSError):
+        return None
+    ignored = set(LOCAL_ONLY_KEYS) | set(RUN_ONLY_KEYS)
+    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in sorted(wanted.items())
+            if k not in ignored and saved.get(k) != v]
+
+
 def resumable_round(train: List[str], folder: Path) -> Optional[int]:
     """The last completed round of an interrupted run in ``folder`` that ``train`` (the fresh
     command) would train the same way, so that ``--resume`` continues it; None when there is
     no such run (no completed round, another configuration, a centralised method), -1 when its
     training has finished (only the test is missing)."""
     from configs import load_config
-    from configs.layers import absolute_paths, resolve_layers
-    from configs.schema import LOCAL_ONLY_KEYS
-    from flower_runner import parse_args
     from strategies.resume import global_latest, resume_point
 
-    snapshot = folder / "config.toml"
-    if not snapshot.is_file() or not global_latest(folder).is_file():
+    if not (folder / "config.toml").is_file() or not global_latest(folder).is_file():
         return None
-    try:
-        saved = load_config(snapshot)
-        wanted = absolute_paths(resolve_layers(parse_args(train[2:]))[0])
-    except (ValueError, OSError):
+    differs = config_differences(train, folder)
+    if differs is None:
         return None
-    differs = sorted(k for k, v in wanted.to_dict().items()
-                     if k not in LOCAL_ONLY_KEYS and saved.to_dict().get(k) != v)
-    if differs or not saved.method.federated:
-        if differs:
-            log.info("%s: the interrupted run was configured otherwise (%s): trained again",
-                     folder, ", ".join(differs))
+    if differs:
+        log.info("%s: the interrupted run was configured otherwise (%s): trained again",
+                 folder, "; ".join(differs))
+        return None
+    saved = load_config(folder / "config.toml")
+    if not saved.method.federated:
         return None
     try:
         return int(resume_point(saved)["round"])
     except ValueError as err:
         return -1 if "has finished" in str(err) else None
+
+
+def stale_results(args: argparse.Namespace, jobs: Sequence[Tuple[Method, Optional[int]]]
+                  ) -> List[str]:
+    """The finished runs among ``jobs`` whose configuration is not what this call would train
+    (another ``--rounds``, ``--set``, configuration file or code default): skipping them as
+    done would report them under this call's protocol. One line per run."""
+    out = Path(args.out)
+    stale = []
+    for method, seed in jobs:
+        folder = result_dir(out, method, seed)
+        if folder is None or not (folder / "config.toml").is_file():
+            continue
+        differs = config_differences(train_command(args, method, 0, seed), folder)
+        if differs:
+            stale.append(f"{folder} ({'; '.join(differs)})")
+    return stale
 
 
 def run_method(args: argparse.Namespace, method: Method, seed: Optional[int] = None
@@ -742,6 +783,12 @@ def main(argv: Optional[List[str]] = None) -> int:
              f", seeds {', '.join(map(str, args.seeds))}" if args.seeds else "")
     title = str(args.config or args.task)
     jobs = [(m, s) for s in plan for m in methods]  # seed-major: whole seeds first
+    stale = stale_results(args, jobs)
+    if stale:
+        raise SystemExit(
+            f"{out} holds finished runs configured otherwise than this call would train them: "
+            + " | ".join(stale) + ". Give another --out, or remove those folders to train "
+            "them again.")
     failed = []
     for i, (method, seed) in enumerate(jobs, 1):
         name = method.label + ("" if seed is None else f" seed {seed}")

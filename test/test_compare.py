@@ -210,6 +210,22 @@ def fake_run(folder: Path, dice, seed=None, train_seconds=60.0):
                                  "val_dice_global": level})
 
 
+def write_snapshot(argv, label, seed=None, **sets):
+    """The configuration snapshot ``compare_strategies argv`` would give the run of ``label``
+    (and ``seed``, one of several), with ``sets`` changed, in that run's folder."""
+    from configs import save_config
+    from configs.layers import absolute_paths, resolve_layers
+    from flower_runner import parse_args
+
+    args = cmp.parse_args(argv)
+    method = cmp.select_methods(label)[0]
+    train = cmp.train_command(args, method, 0, seed)
+    cfg = absolute_paths(resolve_layers(parse_args(train[2:]))[0])
+    for key, value in sets.items():
+        setattr(cfg, key, value)
+    save_config(cfg, cmp.run_dir(Path(args.out), method, seed) / "config.toml")
+
+
 CASES = [(c, f"case{i:03d}") for c in range(3) for i in range(4)]
 
 
@@ -323,6 +339,7 @@ def test_one_seed_refuses_a_folder_holding_another_seeds_runs(tmp_path, monkeypa
     says which command adds the seed."""
     fake_run(cmp.run_dir(tmp_path, cmp.select_methods("FedRep")[0]),
              {key: 0.5 for key in CASES}, seed=2022)
+    write_snapshot(["--task", "faz", "--seed", "2022", "--out", str(tmp_path)], "FedRep")
     trained = []
     monkeypatch.setattr(cmp, "run_method", lambda args, method, seed=None: trained.append(method))
     for flag in (["--seeds", "2023"], ["--seed", "2023"]):
@@ -333,6 +350,26 @@ def test_one_seed_refuses_a_folder_holding_another_seeds_runs(tmp_path, monkeypa
     assert cmp.main(["--task", "faz", "--methods", "FedRep", "--seed", "2022",
                      "--out", str(tmp_path)]) == 0
     assert trained == [] and {r["method"] for r in _rows(tmp_path / "comparison.csv")} == {"FedRep"}
+
+
+def test_a_finished_run_of_another_configuration_stops_the_call(tmp_path, monkeypatch):
+    """A finished run is skipped only when its snapshot is what the call would train: with
+    another --rounds (or --set, configuration, code default) the call stops before training
+    and names the run and key; keys that change no computed value (RUN_ONLY_KEYS: the deadline,
+    the paths, ...) do not count."""
+    argv = ["--task", "faz", "--methods", "FedRep", "--rounds", "3", "--out", str(tmp_path)]
+    fake_run(cmp.run_dir(tmp_path, cmp.select_methods("FedRep")[0]), {key: 0.5 for key in CASES})
+    write_snapshot(argv, "FedRep", round_timeout=99.0, out_root="/elsewhere", port=1234)
+    trained = []
+    monkeypatch.setattr(cmp, "run_method", lambda args, method, seed=None: trained.append(method))
+    assert cmp.main(argv) == 0 and trained == []  # the same run: skipped, reported
+    assert (tmp_path / "comparison.csv").is_file()
+    longer = [a if a != "3" else "4" for a in argv]
+    with pytest.raises(SystemExit, match=r"runs/FedRep \(rounds: 3 -> 4\).*another --out"):
+        cmp.main(longer)
+    with pytest.raises(SystemExit, match=r"base_lr: 0.01 -> 0.02"):
+        cmp.main(argv + ["--set", "base_lr=0.02"])
+    assert trained == []
 
 
 def test_paired_wilcoxon_against_fedicra_on_case_dice_averaged_over_seeds(tmp_path):
