@@ -34,7 +34,10 @@ Written to ``--out DIR``:
   test Dice / HD95 over its cases, the mean of sites, the pooled mean); ``seeds`` lists the
   seeds a row averages, ``train_seconds`` is the mean per seed. Columns ``wilcoxon_ref``,
   ``wilcoxon_p`` and ``wilcoxon_pairs``: the paired test below, for every site row, ``mean of
-  sites`` and ``pooled`` (both: every test case of the target);
+  sites`` and ``pooled`` (both: every test case of the target). Several seeds: columns
+  ``seed_delta_mean``, ``seed_delta_std`` and ``seed_delta_above``: the row's Dice minus the
+  reference's, paired by seed, its mean and std over the seeds and in how many the row is above
+  (``comparison.md``: ``Δ vs FedICRA, by seed``, for the mean of sites);
 - ``comparison_per_seed.csv`` (several seeds only): the single-seed rows of every run, with
   its ``seed``;
 - ``comparison.md``: the same as Markdown tables, methods as rows and sites as columns, with
@@ -455,6 +458,36 @@ def add_wilcoxon(rows: Sequence[Dict[str, object]], cases: Mapping[str, Mapping[
         row["wilcoxon_pairs"] = n
 
 
+def add_seed_deltas(rows: Sequence[Dict[str, object]],
+                    per_seed: Mapping[str, Mapping[int, Sequence[Mapping[str, object]]]],
+                    reference: str) -> None:
+    """Fill ``seed_delta_mean``, ``seed_delta_std`` and ``seed_delta_above`` of ``rows`` (several
+    seeds): the row's Dice minus the reference's, paired by seed (a seed is one train/validation
+    split and initialisation for every method), its mean and sample std over the seeds both
+    finished, and in how many of them the row is above (``'2/3'``). The reference's own rows,
+    and rows without a common seed, stay empty."""
+    def by_key(label: str) -> Dict[Tuple[str, str, int], float]:
+        return {(str(r["site"]), str(r["target"]), seed): float(r["dice_mean"])
+                for seed, seed_rows in per_seed.get(label, {}).items() for r in seed_rows}
+
+    ref = by_key(reference)
+    for row in rows:
+        row["seed_delta_mean"] = row["seed_delta_std"] = row["seed_delta_above"] = ""
+        method = str(row["method"])
+        if method == reference or not ref:
+            continue
+        mine = by_key(method)
+        diffs = [value - ref[key] for key, value in sorted(mine.items())
+                 if key[:2] == (row["site"], row["target"]) and key in ref
+                 and not math.isnan(value) and not math.isnan(ref[key])]
+        if not diffs:
+            continue
+        mean, std = _mean_std(diffs)
+        row["seed_delta_mean"] = mean
+        row["seed_delta_std"] = "" if math.isnan(std) else std
+        row["seed_delta_above"] = f"{sum(d > 0 for d in diffs)}/{len(diffs)}"
+
+
 def _mean_std(values: Sequence[float]) -> Tuple[float, float]:
     """Mean and sample (ddof=1) std of the defined ``values``; std NaN below two values."""
     defined = [float(v) for v in values if not math.isnan(float(v))]
@@ -534,7 +567,7 @@ def validation_curve(out: Path, method: Method, seed: Optional[int] = None) -> D
 # ---------------------------------------------------------------------- writing
 COLUMNS = ("method", "site", "target", "model", "dice_mean", "dice_std", "hd95_mean",
            "hd95_std", "cases", "train_seconds", "seeds", "wilcoxon_ref", "wilcoxon_p",
-           "wilcoxon_pairs")
+           "wilcoxon_pairs", "seed_delta_mean", "seed_delta_std", "seed_delta_above")
 #: ``comparison_per_seed.csv``: the single-seed columns and the run's seed.
 PER_SEED_COLUMNS = ("seed",) + COLUMNS[:COLUMNS.index("seeds")]
 
@@ -567,6 +600,14 @@ def _p_cell(row: Mapping[str, object]) -> str:
     return f"{p:.3g} (n={row.get('wilcoxon_pairs', '')})"
 
 
+def _delta_cell(row: Mapping[str, object]) -> str:
+    mean, std = _num(row, "seed_delta_mean"), _num(row, "seed_delta_std")
+    if math.isnan(mean):
+        return ""
+    spread = "" if math.isnan(std) else f" ± {std:.3f}"
+    return f"{mean:+.3f}{spread} ({row.get('seed_delta_above', '')} above)"
+
+
 def markdown(rows: Sequence[Mapping[str, object]], seeds: Optional[Sequence[int]] = None) -> str:
     """One table per target: methods as rows; each site's Dice, the mean over sites, the mean
     over sites of HD95, the pooled Dice, the training wall time and the p-value of the paired
@@ -583,7 +624,8 @@ def markdown(rows: Sequence[Mapping[str, object]], seeds: Optional[Sequence[int]
         head = (["method", "tested"] + [s.replace("client", "site ") for s in sites]
                 + ["mean of sites", "HD95 (mean of sites)", "pooled",
                    "train time" + (" (per seed)" if multi else "")]
-                + (["seeds"] if multi else []) + ([f"p vs {reference}"] if reference else []))
+                + (["seeds"] if multi else []) + ([f"p vs {reference}"] if reference else [])
+                + ([f"Δ vs {reference}, by seed"] if multi and reference else []))
         if multi:
             title = (f"**{target}**: test Dice, mean ± std over the seeds "
                      f"({', '.join(map(str, seeds))}) of each seed's value (a site: the mean "
@@ -609,6 +651,8 @@ def markdown(rows: Sequence[Mapping[str, object]], seeds: Optional[Sequence[int]
                 cells.append(str(len(str(first.get("seeds", "")).split())))
             if reference:
                 cells.append(_p_cell(pooled or mean))
+            if multi and reference:
+                cells.append(_delta_cell(mean))
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
     if reference:
@@ -619,7 +663,11 @@ def markdown(rows: Sequence[Mapping[str, object]], seeds: Optional[Sequence[int]
         if multi:
             note += (" Seeds are combined by averaging each test case's Dice over the seeds "
                      "first: the test set is the same for every seed (a seed changes only the "
-                     "initialisation and the validation split).")
+                     "initialisation and the validation split). The p-value says how "
+                     "consistently one model beats another case by case, not whether another "
+                     f"seed would. That is Δ vs {reference}, by seed: the row's mean of sites "
+                     f"minus {reference}'s, paired by seed, mean ± std over the seeds both "
+                     "finished, and in how many of them the row is above.")
         if reference != "FedICRA":
             note += (f" FedICRA is not among the compared methods: the reference is {reference}, "
                      "the first method.")
@@ -688,6 +736,8 @@ def write_reports(out: Path, methods: Sequence[Method], title: str,
     reference = reference_method([m.label for m in done])
     cases = {m.label: case_dice([f for _, f in folders[m.label]]) for m in done}
     add_wilcoxon(rows, cases, reference)
+    if seeds is not None:
+        add_seed_deltas(rows, per_seed, reference)
     write_csv(out / "comparison.csv", rows)
     text = markdown(rows, seeds) if rows else "no method finished yet\n"
     tmp = out / "comparison.md.tmp"

@@ -394,6 +394,37 @@ def test_paired_wilcoxon_against_fedicra_on_case_dice_averaged_over_seeds(tmp_pa
     assert f"| {pooled_p:.3g} (n=12) |" in table
 
 
+def test_differences_to_fedicra_paired_by_seed(tmp_path):
+    """Several seeds: each row's Dice minus FedICRA's, seed by seed; mean, sample std and the
+    number of seeds where the row is above, checked by hand for the mean of sites and a site."""
+    import numpy as np
+
+    values = fabricate(tmp_path, seeds=(1, 2, 3))
+    cmp.write_reports(tmp_path, cmp.select_methods("FedICRA,FedRep"), "fabricated",
+                      seeds=[1, 2, 3])
+    rows = {(r["method"], r["site"]): r for r in _rows(tmp_path / "comparison.csv")}
+
+    def site_mean(method, seed, site):
+        return np.mean([d for (c, _), d in values[method][seed].items() if c == site])
+
+    def mean_of_sites(method, seed):
+        return np.mean([site_mean(method, seed, c) for c in range(3)])
+
+    for site, value in (("mean of sites", mean_of_sites),
+                        ("client1", lambda m, s: site_mean(m, s, 1))):
+        diffs = [value("FedRep", s) - value("FedICRA", s) for s in (1, 2, 3)]
+        row = rows[("FedRep", site)]
+        assert float(row["seed_delta_mean"]) == pytest.approx(np.mean(diffs))
+        assert float(row["seed_delta_std"]) == pytest.approx(np.std(diffs, ddof=1))
+        assert row["seed_delta_above"] == f"{sum(d > 0 for d in diffs)}/3"
+    assert rows[("FedICRA", "mean of sites")]["seed_delta_mean"] == ""
+    diffs = [mean_of_sites("FedRep", s) - mean_of_sites("FedICRA", s) for s in (1, 2, 3)]
+    cell = (f"{np.mean(diffs):+.3f} ± {np.std(diffs, ddof=1):.3f} "
+            f"({sum(d > 0 for d in diffs)}/3 above)")
+    table = (tmp_path / "comparison.md").read_text()
+    assert "Δ vs FedICRA, by seed" in table and f"| {cell} |" in table
+
+
 def test_wilcoxon_all_zero_differences_and_the_first_method_as_reference(tmp_path):
     fabricate(tmp_path, seeds=(1, 2), methods=("FedRep", "FedBN"), same=True)
     cmp.write_reports(tmp_path, cmp.select_methods("FedRep,FedBN"), "fabricated", seeds=[1, 2])
@@ -423,6 +454,8 @@ def test_single_seed_comparison_keeps_its_layout_and_gains_the_p_column(tmp_path
     assert rows[("FedRep", "pooled")]["seeds"] == "2022"
     assert int(rows[("FedRep", "pooled")]["wilcoxon_pairs"]) == 12
     assert 0.0 <= float(rows[("FedRep", "pooled")]["wilcoxon_p"]) <= 1.0
+    assert rows[("FedRep", "pooled")]["seed_delta_mean"] == ""  # one seed: no seed pairing
+    assert "by seed" not in (tmp_path / "comparison.md").read_text()
     fedicra = cmp.select_methods("FedICRA")[0]
     assert cmp.result_dir(tmp_path, fedicra, 2022) == cmp.run_dir(tmp_path, fedicra)
     assert not cmp.is_done(tmp_path, fedicra, 2023)
