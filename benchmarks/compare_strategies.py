@@ -17,8 +17,8 @@ Seeds: ``--seed S`` (or none: the configuration's) runs every method once, as be
 seed by seed: every method's first seed before any method's second, so that an interrupted
 comparison leaves whole seeds. A seed changes the initialisation and the train/validation
 split, never the test set. ``--seed S`` refuses a ``DIR`` whose ``runs/<method>/`` holds a
-finished run of another seed (it would report that run as seed ``S``): add seeds to a
-single-seed comparison with ``--seeds OLD,S`` instead, which keeps the old run.
+finished run of another seed (it would report that run as seed ``S``, see below): add seeds to
+a single-seed comparison with ``--seeds OLD,S`` instead, which keeps the old run.
 
 Written to ``--out DIR``:
 
@@ -56,8 +56,9 @@ test cases. All-zero differences give p = 1; cases whose Dice is undefined are l
 A method (and seed) whose test results are already in ``DIR`` is skipped, so an interrupted
 comparison resumes where it stopped, provided its configuration snapshot is what this call
 would train (keys that change no computed value aside, :data:`RUN_ONLY_KEYS`); a finished run
-configured otherwise (another ``--rounds``, ``--set``, configuration or code default) stops
-the call before any training, naming the run and the keys. A half-finished federated run of
+configured otherwise (another seed, ``--rounds``, ``--set``, configuration or code default),
+whether this call names its method or only reports it, stops the call before any training,
+naming the run and the keys. A half-finished federated run of
 the same configuration continues after its last completed round (``flower_runner.py
 --resume``), one whose training ended is only tested; any other half-finished run is trained
 again from the start.
@@ -199,18 +200,6 @@ def is_done(out: Path, method: Method, seed: Optional[int] = None) -> bool:
     return result_dir(out, method, seed) is not None
 
 
-def other_seed_runs(out: Path, methods: Sequence[Method], seed: int) -> Dict[Path, Optional[int]]:
-    """The finished single-seed folders ``runs/<method>/`` of ``methods`` whose snapshot seed
-    is not ``seed``, with that seed: a single-seed call with ``--seed seed`` must neither skip
-    them as done nor overwrite them."""
-    clashes = {}
-    for method in methods:
-        folder = run_dir(out, method)
-        if _finished(folder) and snapshot_seed(folder) != seed:
-            clashes[folder] = snapshot_seed(folder)
-    return clashes
-
-
 def train_command(args: argparse.Namespace, method: Method, port: int,
                   seed: Optional[int] = None) -> List[str]:
     """The runner's command for ``method``; ``seed`` (one of several) replaces ``--seed``."""
@@ -252,9 +241,9 @@ def test_command(args: argparse.Namespace, method: Method, seed: Optional[int] =
 RUN_ONLY_KEYS = ("exp", "out_root", "root_path", "round_timeout", "tb_images_every", "prefetch")
 
 
-def config_differences(train: List[str], folder: Path) -> Optional[List[str]]:
+def config_differences(train: List[str], folder: Path) -> Optional[Dict[str, Tuple[object, object]]]:
     """The keys in which the configuration snapshot of the run in ``folder`` differs from what
-    ``train`` (the fresh command) would train, as ``'key: saved -> wanted'``, other than
+    ``train`` (the fresh command) would train, each with (saved, wanted), other than
     :data:`RUN_ONLY_KEYS` and the site-local ones (the data path of a run copied from another
     machine differs, the data need not); None when the snapshot or the command is unreadable."""
     from configs import load_config
@@ -268,8 +257,13 @@ def config_differences(train: List[str], folder: Path) -> Optional[List[str]]:
     except (ValueError, OSError):
         return None
     ignored = set(LOCAL_ONLY_KEYS) | set(RUN_ONLY_KEYS)
-    return [f"{k}: {saved.get(k)!r} -> {v!r}" for k, v in sorted(wanted.items())
-            if k not in ignored and saved.get(k) != v]
+    return {k: (saved.get(k), v) for k, v in sorted(wanted.items())
+            if k not in ignored and saved.get(k) != v}
+
+
+def describe(differences: Mapping[str, Tuple[object, object]]) -> str:
+    """``'key: saved -> wanted; ...'``."""
+    return "; ".join(f"{k}: {a!r} -> {b!r}" for k, (a, b) in differences.items())
 
 
 def resumable_round(train: List[str], folder: Path) -> Optional[int]:
@@ -287,7 +281,7 @@ def resumable_round(train: List[str], folder: Path) -> Optional[int]:
         return None
     if differs:
         log.info("%s: the interrupted run was configured otherwise (%s): trained again",
-                 folder, "; ".join(differs))
+                 folder, describe(differs))
         return None
     saved = load_config(folder / "config.toml")
     if not saved.method.federated:
@@ -299,19 +293,20 @@ def resumable_round(train: List[str], folder: Path) -> Optional[int]:
 
 
 def stale_results(args: argparse.Namespace, jobs: Sequence[Tuple[Method, Optional[int]]]
-                  ) -> List[str]:
+                  ) -> Dict[Path, Dict[str, Tuple[object, object]]]:
     """The finished runs among ``jobs`` whose configuration is not what this call would train
-    (another ``--rounds``, ``--set``, configuration file or code default): skipping them as
-    done would report them under this call's protocol. One line per run."""
+    (another seed, ``--rounds``, ``--set``, configuration file or code default), with the keys
+    that differ: skipping them as done, or reporting them, would put them under this call's
+    protocol."""
     out = Path(args.out)
-    stale = []
+    stale = {}
     for method, seed in jobs:
         folder = result_dir(out, method, seed)
         if folder is None or not (folder / "config.toml").is_file():
             continue
         differs = config_differences(train_command(args, method, 0, seed), folder)
         if differs:
-            stale.append(f"{folder} ({'; '.join(differs)})")
+            stale[folder] = differs
     return stale
 
 
@@ -466,20 +461,18 @@ def add_seed_deltas(rows: Sequence[Dict[str, object]],
     split and initialisation for every method), its mean and sample std over the seeds both
     finished, and in how many of them the row is above (``'2/3'``). The reference's own rows,
     and rows without a common seed, stay empty."""
-    def by_key(label: str) -> Dict[Tuple[str, str, int], float]:
-        return {(str(r["site"]), str(r["target"]), seed): float(r["dice_mean"])
-                for seed, seed_rows in per_seed.get(label, {}).items() for r in seed_rows}
-
-    ref = by_key(reference)
+    dice = {label: {(str(r["site"]), str(r["target"]), seed): float(r["dice_mean"])
+                    for seed, seed_rows in runs.items() for r in seed_rows}
+            for label, runs in per_seed.items()}
+    ref = dice.get(reference, {})
     for row in rows:
         row["seed_delta_mean"] = row["seed_delta_std"] = row["seed_delta_above"] = ""
         method = str(row["method"])
-        if method == reference or not ref:
+        if method == reference:
             continue
-        mine = by_key(method)
-        diffs = [value - ref[key] for key, value in sorted(mine.items())
-                 if key[:2] == (row["site"], row["target"]) and key in ref
-                 and not math.isnan(value) and not math.isnan(ref[key])]
+        keys = [(str(row["site"]), str(row["target"]), seed) for seed in per_seed.get(method, {})]
+        diffs = [dice[method][k] - ref[k] for k in keys if k in ref and k in dice[method]
+                 and not math.isnan(dice[method][k]) and not math.isnan(ref[k])]
         if not diffs:
             continue
         mean, std = _mean_std(diffs)
@@ -817,15 +810,6 @@ def main(argv: Optional[List[str]] = None) -> int:
     out.mkdir(parents=True, exist_ok=True)
     methods = select_methods(args.methods)
     plan: List[Optional[int]] = list(args.seeds) if args.seeds else [None]
-    if args.seed is not None:
-        clashes = other_seed_runs(out, all_methods(), args.seed)
-        if clashes:
-            old_seeds = sorted({str(s) for s in clashes.values() if s is not None}) or ["OLD"]
-            raise SystemExit(
-                f"--seed {args.seed}: {out} already holds finished runs of another seed: "
-                + ", ".join(f"{folder} (seed {s})" for folder, s in clashes.items())
-                + f". Give --seeds {','.join(old_seeds)},{args.seed} instead (one folder per "
-                "seed; the finished runs are kept and not trained again) or another --out.")
     # the reports hold every method tested in DIR, also those of earlier calls
     reported = [m for m in all_methods()
                 if m in methods or any(is_done(out, m, s) for s in plan)]
@@ -833,12 +817,16 @@ def main(argv: Optional[List[str]] = None) -> int:
              f", seeds {', '.join(map(str, args.seeds))}" if args.seeds else "")
     title = str(args.config or args.task)
     jobs = [(m, s) for s in plan for m in methods]  # seed-major: whole seeds first
-    stale = stale_results(args, jobs)
+    stale = stale_results(args, [(m, s) for s in plan for m in reported])
     if stale:
+        old_seeds = sorted({str(d["seed"][0]) for d in stale.values() if "seed" in d})
+        hint = (f"; to add seed {args.seed} to the finished seeds, give --seeds "
+                f"{','.join(old_seeds)},{args.seed} (one folder per seed, the finished runs "
+                "kept)" if args.seed is not None and old_seeds else "")
         raise SystemExit(
             f"{out} holds finished runs configured otherwise than this call would train them: "
-            + " | ".join(stale) + ". Give another --out, or remove those folders to train "
-            "them again.")
+            + " | ".join(f"{folder} ({describe(d)})" for folder, d in stale.items())
+            + f". Give another --out, or remove those folders to train them again{hint}.")
     failed = []
     for i, (method, seed) in enumerate(jobs, 1):
         name = method.label + ("" if seed is None else f" seed {seed}")

@@ -343,7 +343,7 @@ def test_one_seed_refuses_a_folder_holding_another_seeds_runs(tmp_path, monkeypa
     trained = []
     monkeypatch.setattr(cmp, "run_method", lambda args, method, seed=None: trained.append(method))
     for flag in (["--seeds", "2023"], ["--seed", "2023"]):
-        with pytest.raises(SystemExit, match=r"FedRep \(seed 2022\).*--seeds 2022,2023"):
+        with pytest.raises(SystemExit, match=r"FedRep \(seed: 2022 -> 2023\).*--seeds 2022,2023"):
             cmp.main(["--task", "faz", "--methods", "FedICRA", *flag, "--out", str(tmp_path)])
     assert trained == [] and not (tmp_path / "comparison.csv").exists()
     # the same seed is the finished run: skipped, reported
