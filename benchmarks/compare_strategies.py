@@ -61,7 +61,8 @@ whether this call names its method or only reports it, stops the call before any
 naming the run and the keys. A half-finished federated run of
 the same configuration continues after its last completed round (``flower_runner.py
 --resume``), one whose training ended is only tested; any other half-finished run is trained
-again from the start.
+again from the start. The train time of a resumed run (``train_seconds``, ``compare.json``) adds
+the completed rounds of its earlier sittings (the run's ``timing.csv``) to this call's training.
 """
 from __future__ import annotations
 
@@ -292,6 +293,20 @@ def resumable_round(train: List[str], folder: Path) -> Optional[int]:
         return -1 if "has finished" in str(err) else None
 
 
+def earlier_train_seconds(folder: Path, done: Optional[int]) -> Optional[float]:
+    """The training time that the earlier sittings of a run resumed after round ``done`` (-1:
+    its training has finished) spent on the rounds this call keeps (``timing.csv``); 0 for a
+    fresh run, None when the run predates that file (its time is then this call's only)."""
+    from strategies.reporting import TIMING_FILE, recorded_seconds
+
+    if done is None:
+        return 0.0
+    seconds = recorded_seconds(folder, None if done < 0 else done)
+    if seconds is None:
+        log.warning("%s has no %s: its train time counts this call only", folder, TIMING_FILE)
+    return seconds
+
+
 def stale_results(args: argparse.Namespace, jobs: Sequence[Tuple[Method, Optional[int]]]
                   ) -> Dict[Path, Dict[str, Tuple[object, object]]]:
     """The finished runs among ``jobs`` whose configuration is not what this call would train
@@ -324,6 +339,7 @@ def run_method(args: argparse.Namespace, method: Method, seed: Optional[int] = N
     port = free_port_base(4 + 2 * (args.num_clients or 5))
     train = train_command(args, method, port, seed)
     done = resumable_round(train, folder)
+    earlier = earlier_train_seconds(folder, done)
     steps = [("testing", test_command(args, method, seed))]
     if done is None:
         steps.insert(0, ("training", train))
@@ -346,11 +362,14 @@ def run_method(args: argparse.Namespace, method: Method, seed: Optional[int] = N
                 train_seconds = time.perf_counter() - began
     record = {"method": method.label, "strategy": method.strategy,
               "settings": dict(method.settings), "train_command": " ".join(train[1:]),
-              "test_command": " ".join(steps[-1][1][1:]), "train_seconds": train_seconds,
+              "test_command": " ".join(steps[-1][1][1:]),
+              "train_seconds": (earlier or 0.0) + train_seconds,
               "total_seconds": time.perf_counter() - start,
               "finished": time.strftime("%Y-%m-%d %H:%M:%S")}
     if done:
-        record["resumed_after_round"] = done  # the times above cover this call only
+        # train_seconds adds the rounds of the earlier sittings; total_seconds is this call's
+        record["resumed_after_round"] = done
+        record["earlier_train_seconds"] = earlier
     if seed is not None:
         record["seed"] = seed
     (folder / "compare.json").write_text(json.dumps(record, indent=2))

@@ -39,8 +39,8 @@ MARKER = ".fedicra-run"
 LOCK = ".fedicra-lock"
 #: Everything a run writes into its folder: exact names, and ``client<k>`` / ``site<k>``
 #: folders (k a number). ``--overwrite`` removes these and only these (and the marker).
-RUN_ENTRIES = ("config.toml", "metrics.csv", "pids.json", "pids.tmp", "tb", "test", "global",
-               "logs", "secrets", "flwr_home", "client<k>", "site<k>")
+RUN_ENTRIES = ("config.toml", "metrics.csv", "timing.csv", "pids.json", "pids.tmp", "tb", "test",
+               "global", "logs", "secrets", "flwr_home", "client<k>", "site<k>")
 
 
 class FolderRefused(ValueError):

@@ -1,6 +1,8 @@
-"""What the server writes about a run: metrics.csv, TensorBoard, global checkpoints, progress."""
+"""What the server writes about a run: metrics.csv, timing.csv, TensorBoard, global checkpoints,
+progress."""
 from __future__ import annotations
 
+import csv
 import logging
 import math
 import time
@@ -20,6 +22,37 @@ def _fmt_seconds(seconds: float) -> str:
     minutes, sec = divmod(seconds, 60)
     hours, minutes = divmod(minutes, 60)
     return f"{hours}h{minutes:02d}m{sec:02d}s" if hours else f"{minutes}m{sec:02d}s"
+
+
+#: one row per completed round: the server's wall seconds from the end of the previous round (or
+#: the start of the sitting) to the end of this one. A resumed run keeps the rows of its
+#: completed rounds, so the file adds up the training time of every sitting.
+TIMING_FILE = "timing.csv"
+
+
+def recorded_seconds(out_dir: Path, up_to_round: Optional[int] = None) -> Optional[float]:
+    """Wall seconds of the completed rounds ``1 .. up_to_round`` (None: every round) of the run
+    in ``out_dir``, over all its sittings; None when it has no timing file (a run made before
+    the file existed). The part of a round cut off by an interruption is not counted."""
+    path = Path(out_dir) / TIMING_FILE
+    if not path.is_file():
+        return None
+    with open(path, newline="") as f:
+        return float(sum(float(r["seconds"]) for r in csv.DictReader(f)
+                         if up_to_round is None or int(r["round"]) <= up_to_round))
+
+
+def _keep_timing_up_to(path: Path, last_round: int) -> None:
+    rows = []
+    if path.is_file():
+        with open(path, newline="") as f:
+            rows = [r for r in csv.DictReader(f) if int(r["round"]) <= last_round]
+    tmp = path.with_name(path.name + ".resume.tmp")
+    with open(tmp, "w", newline="") as f:
+        out = csv.DictWriter(f, ("round", "seconds"), extrasaction="ignore")
+        out.writeheader()
+        out.writerows(rows)
+    tmp.replace(path)
 
 
 class RunReporter:
@@ -50,7 +83,10 @@ class RunReporter:
         #: returns the strategy's state, stored with every round's global checkpoint
         self.state_source: Optional[Callable[[], Mapping[str, object]]] = None
         self.csv_path = self.out_dir / "metrics.csv"
+        self.timing_path = self.out_dir / TIMING_FILE
+        self._round_began = self.start
         self.out_dir.mkdir(parents=True, exist_ok=True)
+        _keep_timing_up_to(self.timing_path, self.resume_round)
         if self.resume_round:
             dropped = keep_rows_up_to(self.csv_path, self.resume_round)
             if dropped:
@@ -95,6 +131,7 @@ class RunReporter:
         """Append one row per client to metrics.csv (``missing``: client ids that did not
         answer), log aggregates, checkpoint the global model."""
         self.write_rows(server_round, client_metrics, missing)
+        self._write_timing(server_round)
         for key, value in aggregated.items():
             if key not in ("cid", "num-examples"):
                 self.writer.add_scalar(f"server/{key}", value, server_round)
@@ -118,6 +155,12 @@ class RunReporter:
             rows.append(row)
         rows += [{"round": server_round, "client": int(k), "missing": 1} for k in missing]
         append_rows(self.csv_path, sorted(rows, key=lambda r: r["client"]))
+
+    def _write_timing(self, server_round: int) -> None:
+        now = time.perf_counter()
+        with open(self.timing_path, "a", newline="") as f:
+            csv.writer(f).writerow([server_round, f"{now - self._round_began:.3f}"])
+        self._round_began = now
 
     def record_global_validation(self, aggregate_round: int, arrays: Mapping[str, np.ndarray],
                                  val_dice: float) -> None:

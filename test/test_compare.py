@@ -496,6 +496,31 @@ def test_seeds_from_one_command_end_to_end(tiny_federation, tmp_path):
                        for m in cmp.select_methods(SEEDS_METHODS) for seed in (1, 2)}
 
 
+def test_a_resumed_run_counts_the_train_time_of_its_earlier_sittings(tmp_path, monkeypatch):
+    """The train time of a resumed run adds the completed rounds of its earlier sittings
+    (``timing.csv``, up to the round it resumes after) to this call's; a run whose training
+    had finished takes all of them; a run without the file counts this call only."""
+    fedrep = cmp.select_methods("FedRep")[0]
+    args = cmp.parse_args(["--task", "faz", "--methods", "FedRep", "--out", str(tmp_path)])
+    folder = cmp.run_dir(tmp_path, fedrep)
+    folder.mkdir(parents=True)
+    (folder / "timing.csv").write_text("round,seconds\n1,30.0\n2,40.0\n3,50.0\n")
+    assert cmp.earlier_train_seconds(folder, None) == 0.0   # a fresh run
+    assert cmp.earlier_train_seconds(folder, 2) == 70.0     # resumed after round 2
+    assert cmp.earlier_train_seconds(folder, -1) == 120.0   # trained: only the test is left
+    assert cmp.earlier_train_seconds(tmp_path, 2) is None   # no timing.csv
+
+    calls = []
+    monkeypatch.setattr(cmp, "resumable_round", lambda train, run: 2)
+    monkeypatch.setattr(cmp.subprocess, "call", lambda cmd, **kw: calls.append(cmd) or 0)
+    record = cmp.run_method(args, fedrep)
+    assert "--resume" in calls[0] and calls[1][1] == "test_client.py"
+    assert record["resumed_after_round"] == 2 and record["earlier_train_seconds"] == 70.0
+    assert 70.0 <= record["train_seconds"] < 70.0 + record["total_seconds"] + 1e-6
+    assert json.loads((folder / "compare.json").read_text())["train_seconds"] == \
+        record["train_seconds"]
+
+
 def test_an_interrupted_run_of_the_same_configuration_is_resumed_not_retrained(
         tiny_federation, tmp_path):
     """``resumable_round`` reads the run folder: its last completed round when the snapshot is

@@ -290,3 +290,23 @@ def test_resume_after_sigint_gives_the_uninterrupted_run(tmp_path, fed_data):
     again = subprocess.run([sys.executable, "flower_runner.py", "--resume", str(out)],
                            cwd=REPO, capture_output=True, text=True, timeout=120)
     assert again.returncode == 2 and "has finished" in again.stdout
+
+
+def test_timing_keeps_the_completed_rounds_of_every_sitting(tmp_path, monkeypatch):
+    """timing.csv: one row per completed round, the wall seconds since the previous round
+    (or the sitting's start); a resumed run keeps the rows of its completed rounds, so
+    ``recorded_seconds`` adds up every sitting and leaves out the interrupted round."""
+    from strategies import reporting
+    from strategies.reporting import RunReporter, recorded_seconds
+
+    clock = iter([100.0, 103.0, 110.0, 121.0,   # sitting 1: start, rounds 1-3
+                  500.0, 505.0])                # sitting 2: start, round 3 again
+    monkeypatch.setattr(reporting.time, "perf_counter", lambda: next(clock))
+    first = RunReporter(tmp_path, 4)
+    for r in (1, 2, 3):
+        first._write_timing(r)
+    assert recorded_seconds(tmp_path) == 21.0
+    assert recorded_seconds(tmp_path, up_to_round=2) == 10.0
+    RunReporter(tmp_path, 4, resume_round=2)._write_timing(3)
+    assert recorded_seconds(tmp_path) == 3.0 + 7.0 + 5.0
+    assert recorded_seconds(tmp_path / "elsewhere") is None
