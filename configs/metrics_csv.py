@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import csv
 from pathlib import Path
-from typing import Dict, Iterable, List, Mapping, Optional
+from typing import Dict, Iterable, List, Mapping, Optional, Sequence
 
 import numpy as np
 
@@ -38,10 +38,11 @@ def append_rows(path: Path, rows: Iterable[Mapping[str, object]]) -> None:
             out.writerow([row.get(c, "") for c in CSV_COLUMNS])
 
 
-def keep_rows_up_to(path: Path, last_round: int) -> int:
-    """Rewrite metrics.csv with its rows of rounds ``1 .. last_round`` only (for a resumed
-    run); rows are matched by column name, so a file written before a column was added keeps
-    its values. Returns how many rows were dropped."""
+def keep_rows_up_to(path: Path, last_round: int, columns: Sequence[str] = CSV_COLUMNS) -> int:
+    """Rewrite metrics.csv (or another per-round file with a ``round`` column and ``columns``)
+    with its rows of rounds ``1 .. last_round`` only (for a resumed run); rows are matched by
+    column name, so a file written before a column was added keeps its values. Returns how
+    many rows were dropped."""
     rows: List[Dict[str, str]] = []
     if path.is_file():
         with open(path, newline="") as f:
@@ -49,7 +50,7 @@ def keep_rows_up_to(path: Path, last_round: int) -> int:
     kept = [r for r in rows if r.get("round") and int(r["round"]) <= last_round]
     tmp = path.with_name(path.name + ".resume.tmp")
     with open(tmp, "w", newline="") as f:
-        out = csv.DictWriter(f, CSV_COLUMNS, restval="", extrasaction="ignore")
+        out = csv.DictWriter(f, columns, restval="", extrasaction="ignore")
         out.writeheader()
         out.writerows(kept)
     tmp.replace(path)

@@ -28,6 +28,7 @@ def _fmt_seconds(seconds: float) -> str:
 #: the start of the sitting) to the end of this one. A resumed run keeps the rows of its
 #: completed rounds, so the file adds up the training time of every sitting.
 TIMING_FILE = "timing.csv"
+TIMING_COLUMNS = ("round", "seconds")
 
 
 def recorded_seconds(out_dir: Path, up_to_round: Optional[int] = None) -> Optional[float]:
@@ -40,19 +41,6 @@ def recorded_seconds(out_dir: Path, up_to_round: Optional[int] = None) -> Option
     with open(path, newline="") as f:
         return float(sum(float(r["seconds"]) for r in csv.DictReader(f)
                          if up_to_round is None or int(r["round"]) <= up_to_round))
-
-
-def _keep_timing_up_to(path: Path, last_round: int) -> None:
-    rows = []
-    if path.is_file():
-        with open(path, newline="") as f:
-            rows = [r for r in csv.DictReader(f) if int(r["round"]) <= last_round]
-    tmp = path.with_name(path.name + ".resume.tmp")
-    with open(tmp, "w", newline="") as f:
-        out = csv.DictWriter(f, ("round", "seconds"), extrasaction="ignore")
-        out.writeheader()
-        out.writerows(rows)
-    tmp.replace(path)
 
 
 class RunReporter:
@@ -86,7 +74,7 @@ class RunReporter:
         self.timing_path = self.out_dir / TIMING_FILE
         self._round_began = self.start
         self.out_dir.mkdir(parents=True, exist_ok=True)
-        _keep_timing_up_to(self.timing_path, self.resume_round)
+        keep_rows_up_to(self.timing_path, self.resume_round, TIMING_COLUMNS)  # 0: a new file
         if self.resume_round:
             dropped = keep_rows_up_to(self.csv_path, self.resume_round)
             if dropped:
