@@ -19,6 +19,9 @@ comparison leaves whole seeds. A seed changes the initialisation and the train/v
 split, never the test set. ``--seed S`` refuses a ``DIR`` whose ``runs/<method>/`` holds a
 finished run of another seed (it would report that run as seed ``S``, see below): add seeds to
 a single-seed comparison with ``--seeds OLD,S`` instead, which keeps the old run.
+``--report-only`` trains nothing: it writes the reports below from the runs already finished
+in ``DIR`` (for runs trained elsewhere, or while others are still training) and names those
+it leaves out.
 
 Written to ``--out DIR``:
 
@@ -37,7 +40,10 @@ Written to ``--out DIR``:
   sites`` and ``pooled`` (both: every test case of the target). Several seeds: columns
   ``seed_delta_mean``, ``seed_delta_std`` and ``seed_delta_above``: the row's Dice minus the
   reference's, paired by seed, its mean and std over the seeds and in how many the row is above
-  (``comparison.md``: ``Δ vs FedICRA, by seed``, for the mean of sites);
+  (``comparison.md``: ``Δ vs FedICRA, by seed``, for the mean of sites). ``lost_replies``:
+  how many site replies the run (several seeds: the runs) trained without, a site that missed
+  a round's deadline or failed; a row whose runs lost any is marked ``⚠N`` in
+  ``comparison.md`` and logged, since its values depend on the machine's load;
 - ``comparison_per_seed.csv`` (several seeds only): the single-seed rows of every run, with
   its ``seed``;
 - ``comparison.md``: the same as Markdown tables, methods as rows and sites as columns, with
@@ -382,12 +388,28 @@ def read_csv(path: Path) -> List[Dict[str, str]]:
         return list(csv.DictReader(f))
 
 
+def lost_replies(folder: Path) -> int:
+    """How many site replies the run in ``folder`` trained without: the ``metrics.csv`` rows
+    with ``missing = 1`` (a site that missed a round's deadline or failed; the round was
+    aggregated without it). A run that lost none is what a run alone would compute; one that
+    lost some depends on the load of the machine it ran on."""
+    path = folder / "metrics.csv"
+    if not path.is_file():
+        return 0
+    return sum(1 for r in read_csv(path) if r.get("missing") not in (None, "", "0"))
+
+
 def result_rows(out: Path, method: Method, seed: Optional[int] = None) -> List[Dict[str, object]]:
     """``comparison.csv`` rows of one tested method (and seed): std over the test cases."""
     folder = result_dir(out, method, seed)
     if folder is None:
         raise FileNotFoundError(f"{run_dir(out, method, seed)} holds no test results")
     record = json.loads((folder / "compare.json").read_text())
+    lost = lost_replies(folder)
+    if lost:
+        log.warning("%s trained without %d site replies (metrics.csv, missing = 1): its values "
+                    "depend on the machine's load; rerun it with a longer round_timeout", folder,
+                    lost)
     run_seed = seed if seed is not None else snapshot_seed(folder)
     rows = []
     for r in read_csv(folder / "test" / "mean_std_result.csv"):
@@ -398,7 +420,7 @@ def result_rows(out: Path, method: Method, seed: Optional[int] = None) -> List[D
                      "model": r["model"], "dice_mean": num("dice_mean"),
                      "dice_std": num("dice_std"), "hd95_mean": num("hd95_mean"),
                      "hd95_std": num("hd95_std"), "cases": r.get("cases", ""),
-                     "train_seconds": float(record["train_seconds"]),
+                     "train_seconds": float(record["train_seconds"]), "lost_replies": lost,
                      "seeds": "" if run_seed is None else str(run_seed)})
     return rows
 
@@ -541,6 +563,7 @@ def aggregate_seeds(per_seed: Mapping[int, Sequence[Mapping[str, object]]]
                 [float(m[f"{metric}_mean"]) for m in members])
         row["cases"] = _common([m["cases"] for m in members])
         row["train_seconds"] = sum(float(m["train_seconds"]) for m in members) / len(members)
+        row["lost_replies"] = sum(int(m.get("lost_replies", 0)) for m in members)
         row["seeds"] = " ".join(str(s) for s, _ in groups[key])
         out.append(row)
     return out
@@ -578,7 +601,7 @@ def validation_curve(out: Path, method: Method, seed: Optional[int] = None) -> D
 
 # ---------------------------------------------------------------------- writing
 COLUMNS = ("method", "site", "target", "model", "dice_mean", "dice_std", "hd95_mean",
-           "hd95_std", "cases", "train_seconds", "seeds", "wilcoxon_ref", "wilcoxon_p",
+           "hd95_std", "cases", "train_seconds", "lost_replies", "seeds", "wilcoxon_ref", "wilcoxon_p",
            "wilcoxon_pairs", "seed_delta_mean", "seed_delta_std", "seed_delta_above")
 #: ``comparison_per_seed.csv``: the single-seed columns and the run's seed.
 PER_SEED_COLUMNS = ("seed",) + COLUMNS[:COLUMNS.index("seeds")]
@@ -651,7 +674,8 @@ def markdown(rows: Sequence[Mapping[str, object]], seeds: Optional[Sequence[int]
             mean = by_site.get("mean of sites", {})
             pooled = by_site.get("pooled", {})
             first = next(iter(by_site.values()))
-            cells = [method, str(first["model"])]
+            lost = _num(first, "lost_replies")
+            cells = [method + (f" ⚠{lost:.0f}" if lost > 0 else ""), str(first["model"])]
             cells += [_cell(_num(by_site[s], "dice_mean"), _num(by_site[s], "dice_std"), 3)
                       if s in by_site else "n/a" for s in sites]
             cells += [f"**{_cell(_num(mean, 'dice_mean'), _num(mean, 'dice_std'), 3)}**",
@@ -667,6 +691,11 @@ def markdown(rows: Sequence[Mapping[str, object]], seeds: Optional[Sequence[int]
                 cells.append(_delta_cell(mean))
             lines.append("| " + " | ".join(cells) + " |")
         parts.append("\n".join(lines))
+    if any(_num(r, "lost_replies") > 0 for r in rows):
+        parts.append("⚠N: the run (over the seeds: the runs) trained without N site replies "
+                     "(metrics.csv rows with missing = 1: a site missed a round's deadline or "
+                     "failed, and the round was aggregated without it), so its values depend on "
+                     "the machine's load; rerun it with a longer round_timeout.")
     if reference:
         note = (f"p vs {reference}: two-sided Wilcoxon signed-rank test (scipy.stats.wilcoxon) "
                 f"of the row's per-case test Dice against {reference}'s, paired case by case over "
@@ -805,6 +834,9 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
                    help="any other configuration key for every run")
     p.add_argument("--keep-going", action="store_true",
                    help="go on with the next method when one fails (default: stop)")
+    p.add_argument("--report-only", action="store_true",
+                   help="train nothing: write the reports from the finished runs in --out (a "
+                        "method or seed without one is named and left out)")
     args = p.parse_args(argv)
     if args.seeds is not None:
         if args.seed is not None:
@@ -813,6 +845,10 @@ def parse_args(argv: Optional[List[str]] = None) -> argparse.Namespace:
         # one seed is the single-seed layout (runs/<method>/), as with --seed
         args.seed, args.seeds = (seeds[0], None) if len(seeds) == 1 else (None, seeds)
     return args
+
+
+def job_name(method: Method, seed: Optional[int]) -> str:
+    return method.label + ("" if seed is None else f" seed {seed}")
 
 
 def main(argv: Optional[List[str]] = None) -> int:
@@ -846,9 +882,15 @@ def main(argv: Optional[List[str]] = None) -> int:
             f"{out} holds finished runs configured otherwise than this call would train them: "
             + " | ".join(f"{folder} ({describe(d)})" for folder, d in stale.items())
             + f". Give another --out, or remove those folders to train them again{hint}.")
+    if args.report_only:
+        pending = [job_name(m, s) for m, s in jobs if not is_done(out, m, s)]
+        if pending:
+            log.warning("--report-only: no finished run of %s, left out of the reports",
+                        ", ".join(pending))
+        jobs = []
     failed = []
     for i, (method, seed) in enumerate(jobs, 1):
-        name = method.label + ("" if seed is None else f" seed {seed}")
+        name = job_name(method, seed)
         if is_done(out, method, seed):
             log.info("[%d/%d] %s: results already in %s, skipped", i, len(jobs), name,
                      result_dir(out, method, seed))

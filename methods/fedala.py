@@ -7,7 +7,7 @@ from __future__ import annotations
 from dataclasses import dataclass
 from typing import Optional, Tuple
 
-from clients.rules.ala import ALAParams, ALARule
+from clients.rules.ala import ALAParams, ALARule, blends_in_round
 from networks.registry import network_info
 from strategies.base import PersonalizedStrategy
 
@@ -37,6 +37,12 @@ class ALAServer(PersonalizedStrategy):
 
     def sends_final_aggregate(self) -> bool:
         return super().sends_final_aggregate() or bool(self.params.ala_validate_blend)
+
+    def deadline_kind(self, server_round: int) -> str:
+        # learning the blending weights passes over most of a site's training cases (the first
+        # time until a stopping rule): up to tens of plain rounds' work, so a blending round's
+        # automatic deadline is not taken from the warm-up's copy-and-train rounds
+        return "blend" if blends_in_round(server_round, self.cfg, self.params) else "train"
 
 
 FEDALA = register_method(Method(

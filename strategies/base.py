@@ -181,6 +181,12 @@ class PersonalizedStrategy(Strategy):
         by it, see :mod:`strategies.deadlines`)."""
         return 1.0
 
+    def deadline_kind(self, server_round: int) -> str:
+        """The kind of local work of ``server_round``: the automatic deadline of a round comes
+        from the completed rounds of its kind only (see :mod:`strategies.deadlines`). Methods
+        whose rounds differ in work by more than the deadline's factor name them apart."""
+        return "train"
+
     def state_dict(self) -> Dict[str, object]:
         """Server state a resumed run needs, as of the end of the last aggregated round.
 
@@ -365,6 +371,7 @@ class PersonalizedStrategy(Strategy):
                         grid: Grid) -> Iterable[Message]:
         nodes = self.wait_for_nodes(grid, server_round, config)
         self.clock.scale = self.deadline_scale(server_round)
+        self.clock.kind = self.deadline_kind(server_round)
         msg_config = self.message_config(config, server_round)
         self._sent = len(nodes)
         self._global_sent = arrays

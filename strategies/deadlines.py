@@ -6,9 +6,18 @@ strategy runs on and replaces that wait by :meth:`RoundClock.timeout`:
 
 - ``round_timeout > 0``: that many seconds;
 - ``round_timeout = 0`` (automatic): ``FACTOR`` (10) times the median duration of the
-  training phases that completed (every node answered), at least ``FLOOR`` (120 s); until one
-  has completed, ``FIRST`` (3,600 s, Flower's own default: the first round may be slow to
-  start on a GPU).
+  training phases of the same kind that completed (every node answered), at least ``FLOOR``
+  (120 s); until one of that kind has completed, ``FIRST`` (3,600 s, Flower's own default: the
+  first round may be slow to start on a GPU).
+
+The kind (:attr:`RoundClock.kind`, set by the strategy from
+:meth:`strategies.base.PersonalizedStrategy.deadline_kind`) separates rounds whose local work
+differs by more than the factor: FedICRA's warm-up rounds copy the global model and train 10
+steps (about 30 s on the CPU protocol), while its first blending round also learns the
+blending weights over most of the site's training cases until a stopping rule (7 to 10 times
+as long, more on a loaded machine). With one median for both, the first blend could be cut off
+by a deadline computed from the warm-up, and a site dropped from a round because the machine
+was busy.
 
 A phase that does more local work than a round (FT's fine-tuning round) multiplies the
 deadline by :attr:`RoundClock.scale`, set by the strategy. The grid also records which node
@@ -45,8 +54,11 @@ class RoundClock:
 
     def __init__(self, fixed: float = 0.0) -> None:
         self.fixed = float(fixed)
-        #: durations (s, divided by their scale) of the completed training phases
-        self.durations: List[float] = []
+        #: durations (s, divided by their scale) of the completed training phases, by kind
+        self.durations: Dict[str, List[float]] = {}
+        #: the kind of local work of the coming phases: each kind's deadline comes from the
+        #: completed phases of that kind only
+        self.kind = "train"
         #: work of the coming phases relative to a plain round (>= 1)
         self.scale = 1.0
         #: node ids the last phase's messages went to (None: no phase ran through the grid)
@@ -67,24 +79,26 @@ class RoundClock:
     def _timeout(self) -> float:
         if self.fixed > 0:
             base = self.fixed
-        elif not self.durations:
+        elif not self.durations.get(self.kind):
             base = FIRST
         else:
-            base = max(FLOOR, FACTOR * statistics.median(self.durations))
+            base = max(FLOOR, FACTOR * statistics.median(self.durations[self.kind]))
         return base * max(1.0, self.scale)
 
     def record(self, seconds: float) -> None:
-        """A training phase in which every node answered took ``seconds``."""
-        self.durations.append(float(seconds) / max(1.0, self.scale))
+        """A training phase of the current kind in which every node answered took ``seconds``."""
+        self.durations.setdefault(self.kind, []).append(float(seconds) / max(1.0, self.scale))
 
     def describe(self) -> str:
         """Where the last deadline came from, for log lines."""
         if self.fixed > 0:
             return f"round_timeout = {self.fixed:g} s"
-        if not self.durations:
-            return f"round_timeout = 0: {FIRST:.0f} s until a round has completed"
-        return (f"round_timeout = 0: {FACTOR:g} x the median round "
-                f"({statistics.median(self.durations):.1f} s), at least {FLOOR:.0f} s")
+        seen = self.durations.get(self.kind)
+        of_kind = "" if self.kind == "train" else f" of kind {self.kind!r}"
+        if not seen:
+            return f"round_timeout = 0: {FIRST:.0f} s until a round{of_kind} has completed"
+        return (f"round_timeout = 0: {FACTOR:g} x the median round{of_kind} "
+                f"({statistics.median(seen):.1f} s), at least {FLOOR:.0f} s")
 
     def node_for(self, reply: Message) -> int:
         """The node a reply answers for: its sender, or for an error the SuperLink made up

@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import csv
 import json
+import logging
 from pathlib import Path
 
 import pytest
@@ -292,6 +293,30 @@ def test_several_seeds_report_mean_and_std_over_the_seeds(tmp_path):
     assert "| method | tested | site 0 | site 1 | site 2 | mean of sites |" in table
 
 
+def test_a_run_that_lost_site_replies_is_counted_and_marked(tmp_path):
+    """A round aggregated without a site (metrics.csv ``missing = 1``) makes the run depend on
+    the machine's load: the row counts the lost replies and comparison.md marks it."""
+    fabricate(tmp_path)
+    folder = cmp.run_dir(tmp_path, cmp.select_methods("FedRep")[0], 2)
+    rows = _rows(folder / "metrics.csv")
+    for r in rows:
+        r["missing"] = int(r["client"] == "1" and r["round"] in ("2", "3"))
+    with open(folder / "metrics.csv", "w", newline="") as f:
+        writer = csv.DictWriter(f, fieldnames=list(rows[0]))
+        writer.writeheader()
+        writer.writerows(rows)
+    assert cmp.lost_replies(folder) == 2
+    cmp.write_reports(tmp_path, cmp.select_methods("FedICRA,FedRep"), "fabricated", seeds=[1, 2, 3])
+    lost = {(r["method"], r["site"]): r["lost_replies"] for r in _rows(tmp_path / "comparison.csv")}
+    assert lost[("FedRep", "mean of sites")] == "2" and lost[("FedICRA", "mean of sites")] == "0"
+    per_seed = {(r["method"], r["seed"]): r["lost_replies"]
+                for r in _rows(tmp_path / "comparison_per_seed.csv") if r["site"] == "pooled"}
+    assert per_seed[("FedRep", "2")] == "2" and per_seed[("FedRep", "1")] == "0"
+    table = (tmp_path / "comparison.md").read_text()
+    assert "| FedRep ⚠2 | personal |" in table and "| FedICRA | personal |" in table
+    assert "⚠N: the run (over the seeds: the runs) trained without N site replies" in table
+
+
 def test_several_seeds_resume_runs_only_the_missing_method_and_seed(tmp_path, monkeypatch):
     import shutil
 
@@ -315,6 +340,24 @@ def test_several_seeds_resume_runs_only_the_missing_method_and_seed(tmp_path, mo
     rows = _rows(tmp_path / "comparison.csv")
     assert {r["seeds"] for r in rows} == {"1 2 3"}
     assert {r["method"] for r in rows} == {"FedICRA", "FedRep"}
+
+
+def test_report_only_trains_nothing_and_names_what_it_leaves_out(tmp_path, monkeypatch, caplog):
+    import shutil
+
+    fabricate(tmp_path)
+    shutil.rmtree(cmp.run_dir(tmp_path, cmp.select_methods("FedRep")[0], 3) / "test")
+
+    def no_training(*args, **kwargs):
+        raise AssertionError("--report-only trained a run")
+
+    monkeypatch.setattr(cmp, "run_method", no_training)
+    with caplog.at_level(logging.WARNING):
+        assert cmp.main(["--task", "faz", "--methods", "FedICRA,FedRep", "--seeds", "1,2,3",
+                         "--out", str(tmp_path), "--report-only"]) == 0
+    assert "no finished run of FedRep seed 3, left out of the reports" in caplog.text
+    seeds = {r["method"]: r["seeds"] for r in _rows(tmp_path / "comparison.csv")}
+    assert seeds == {"FedICRA": "1 2 3", "FedRep": "1 2"}
 
 
 def test_several_seeds_train_seed_by_seed(tmp_path, monkeypatch):

@@ -175,6 +175,71 @@ def test_round_clock_policy():
     assert fixed.timeout() == 4.0 and "round_timeout = 4 s" in fixed.describe()
 
 
+def test_each_kind_of_round_has_its_own_automatic_deadline():
+    from strategies.deadlines import FIRST, RoundClock
+
+    clock = RoundClock(0.0)
+    for seconds in (30.0, 31.0, 32.0, 33.0, 34.0):  # warm-up rounds: copy and train
+        clock.record(seconds)
+    assert clock.timeout() == pytest.approx(320.0)
+    # the first blending round takes 400 s: one median for both would have cut it at 320 s
+    clock.kind = "blend"
+    assert clock.timeout() == FIRST and "of kind 'blend' has completed" in clock.describe()
+    clock.record(400.0)
+    assert clock.timeout() == pytest.approx(4000.0)
+    clock.kind = "train"
+    assert clock.timeout() == pytest.approx(320.0)  # the warm-up's own median, unchanged
+
+
+@pytest.mark.parametrize("strategy, extra", [
+    ("FedICRA", dict(ala_warmup_iters=4)),
+    ("FedICRA-ref", dict(ala_warmup_iters=4, ala_reset_every_iters=4)),
+    ("FedALA", dict(model="unet")),
+])
+def test_the_blending_rounds_are_those_the_server_gives_the_blend_deadline(
+        strategy, extra, tiny_federation, tmp_path, task_identity, monkeypatch):
+    """The server predicts which rounds learn blending weights at the sites (their deadline
+    kind): it must name exactly the rounds in which a site calls the blending."""
+    from flwr.app import MessageType
+
+    from clients.ala import AdaptiveAggregator
+    from strategies.deadlines import RoundClock
+    from strategies.server_app import run_server
+
+    cfg = tiny_run_config(tiny_federation, tmp_path, strategy=strategy, rounds=5, iters=2,
+                          eval_every=1, **extra)
+    now = {"round": None, "kind": None}
+    blended, kinds = set(), {}
+    real_blend, real_timeout = AdaptiveAggregator.blend, RoundClock.timeout
+
+    def blend(self, *args, **kwargs):
+        blended.add(now["round"])
+        return real_blend(self, *args, **kwargs)
+
+    def timeout(self):
+        now["kind"] = self.kind
+        return real_timeout(self)
+
+    monkeypatch.setattr(AdaptiveAggregator, "blend", blend)
+    monkeypatch.setattr(RoundClock, "timeout", timeout)
+
+    class KindGrid(InProcessGrid):
+        def send_and_receive(self, messages, timeout=None):
+            messages = list(messages)
+            r = int(messages[0].content["config"]["server-round"])
+            if messages[0].metadata.message_type == MessageType.TRAIN:
+                now["round"], kinds[r] = r, now["kind"]
+            else:
+                now["round"] = ("evaluate", r)
+            return super().send_and_receive(messages, timeout)
+
+    run_server(KindGrid(cfg), cfg)
+    assert sorted(kinds) == list(range(1, 6))
+    blend_rounds = {r for r, kind in kinds.items() if kind == "blend"}
+    assert blended - {r for r in blended if isinstance(r, tuple)} == blend_rounds
+    assert blend_rounds and blend_rounds != set(kinds), kinds  # both kinds occur
+
+
 def test_min_fit_clients_is_validated():
     from configs import RunConfig
 

@@ -139,6 +139,23 @@ def resets_after(server_round: int, iters: int, period: int) -> bool:
     return (server_round * iters) // period > ((server_round - 1) * iters) // period
 
 
+def blends_in_round(server_round: int, cfg, params: ALAParams) -> bool:
+    """Whether a site that trained in the rounds before learns blending weights in round
+    ``server_round``, as :meth:`ALARule.receive` decides: to start its training (a round past
+    the warm-up that does not restart from the global model) or to validate the previous
+    round's blend (``ala_validate_blend``, after a validated round past the warm-up). The
+    server gives such rounds their own deadline (``methods/fedala.py``)."""
+    if server_round < 2:
+        return False
+    previous = server_round - 1
+    to_train = (server_round * cfg.iters > params.ala_warmup_iters
+                and not resets_after(previous, cfg.iters, params.ala_reset_every_iters))
+    to_validate = (params.ala_validate_blend
+                   and (previous % cfg.eval_every == 0 or previous >= cfg.rounds)
+                   and previous * cfg.iters > params.ala_warmup_iters)
+    return to_train or to_validate
+
+
 class ALARule(LocalRule):
     """Blend the received model into the site's (see the module docstring), then train."""
 
