@@ -601,8 +601,9 @@ def validation_curve(out: Path, method: Method, seed: Optional[int] = None) -> D
 
 # ---------------------------------------------------------------------- writing
 COLUMNS = ("method", "site", "target", "model", "dice_mean", "dice_std", "hd95_mean",
-           "hd95_std", "cases", "train_seconds", "lost_replies", "seeds", "wilcoxon_ref", "wilcoxon_p",
-           "wilcoxon_pairs", "seed_delta_mean", "seed_delta_std", "seed_delta_above")
+           "hd95_std", "cases", "train_seconds", "lost_replies", "seeds", "wilcoxon_ref",
+           "wilcoxon_p", "wilcoxon_pairs", "seed_delta_mean", "seed_delta_std",
+           "seed_delta_above")
 #: ``comparison_per_seed.csv``: the single-seed columns and the run's seed.
 PER_SEED_COLUMNS = ("seed",) + COLUMNS[:COLUMNS.index("seeds")]
 
