@@ -139,20 +139,39 @@ def resets_after(server_round: int, iters: int, period: int) -> bool:
     return (server_round * iters) // period > ((server_round - 1) * iters) // period
 
 
+def within_warmup(iterations: int, params: ALAParams) -> bool:
+    """Whether a round whose local iteration count reaches ``iterations`` takes the whole
+    global model instead of a blend (``ala_warmup_iters``; the reference's ``iter_global <= 50``)."""
+    return iterations <= params.ala_warmup_iters
+
+
+def validates_blend_before(server_round: int, cfg, params: ALAParams) -> bool:
+    """Whether a site that has trained first validates the previous round's blend in round
+    ``server_round`` (``ala_validate_blend``, after a validated round or the last one)."""
+    previous = server_round - 1
+    return bool(params.ala_validate_blend) and (previous % cfg.eval_every == 0
+                                                or previous >= cfg.rounds)
+
+
+def starts_from_global(server_round: int, cfg, params: ALAParams, trained_before: bool) -> bool:
+    """Whether a site starts round ``server_round`` from the whole global model: its first
+    round, or the round after one that reaches a multiple of ``ala_reset_every_iters``."""
+    return not trained_before or resets_after(server_round - 1, cfg.iters,
+                                              params.ala_reset_every_iters)
+
+
 def blends_in_round(server_round: int, cfg, params: ALAParams) -> bool:
     """Whether a site that trained in the rounds before learns blending weights in round
-    ``server_round``, as :meth:`ALARule.receive` decides: to start its training (a round past
-    the warm-up that does not restart from the global model) or to validate the previous
-    round's blend (``ala_validate_blend``, after a validated round past the warm-up). The
-    server gives such rounds their own deadline (``methods/fedala.py``)."""
+    ``server_round``, by the decisions :meth:`ALARule.receive` takes: to start its training (a
+    round past the warm-up that does not restart from the global model) or to validate the
+    previous round's blend (after a validated round past the warm-up). The server gives such
+    rounds their own deadline (``methods/fedala.py``)."""
     if server_round < 2:
         return False
-    previous = server_round - 1
-    to_train = (server_round * cfg.iters > params.ala_warmup_iters
-                and not resets_after(previous, cfg.iters, params.ala_reset_every_iters))
-    to_validate = (params.ala_validate_blend
-                   and (previous % cfg.eval_every == 0 or previous >= cfg.rounds)
-                   and previous * cfg.iters > params.ala_warmup_iters)
+    to_train = (not within_warmup(server_round * cfg.iters, params)
+                and not starts_from_global(server_round, cfg, params, trained_before=True))
+    to_validate = (validates_blend_before(server_round, cfg, params)
+                   and not within_warmup((server_round - 1) * cfg.iters, params))
     return to_train or to_validate
 
 
@@ -178,14 +197,14 @@ class ALARule(LocalRule):
         previous = server_round - 1
         metrics: Dict[str, float] = {}
         reusable = None
-        if p.ala_validate_blend and trainer.rounds_done > 0 and \
-                (previous % cfg.eval_every == 0 or previous >= cfg.rounds):
+        trained = trainer.rounds_done > 0
+        if trained and validates_blend_before(server_round, cfg, p):
             probe = copy.deepcopy(trainer.model)
             blended = self.merge(trainer, probe, arrays, shared, server_round, previous * cfg.iters)
             scores = trainer.validate_and_checkpoint(previous, False, model=probe)
             metrics = {"val_dice_blend": scores["val_dice"], "best_val_dice": scores["best_val_dice"]}
             reusable = probe if blended else None
-        if trainer.rounds_done == 0 or resets_after(previous, cfg.iters, p.ala_reset_every_iters):
+        if starts_from_global(server_round, cfg, p, trained):
             trainer.load_arrays(arrays, shared)
         elif reusable is not None:  # the blend just validated is this round's start
             trainer.model.load_state_dict(reusable.state_dict())
@@ -209,7 +228,7 @@ class ALARule(LocalRule):
         """Bring the aggregate into ``model``: the whole shared model while ``iterations`` (the
         round's local iteration count) is within ``ala_warmup_iters``, else the copied keys
         and the learned blend. Returns whether it blended. ``seed_round`` seeds the subset."""
-        if iterations <= self.params.ala_warmup_iters:
+        if within_warmup(iterations, self.params):
             trainer.load_arrays(arrays, shared, model=model)
             return False
         names = [n for n, _ in model.named_parameters()]
