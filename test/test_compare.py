@@ -17,6 +17,8 @@ from pathlib import Path
 import pytest
 
 from benchmarks import compare_strategies as cmp
+from benchmarks import compared_methods as layout
+from benchmarks import comparison_report as report
 from conftest import heavy
 
 PAPER_METHODS = ["FedICRA", "FedICRA-ref", "FedLPPA", "FedAvg", "FT", "FedProx", "FedBN", "FedAP", "FedRep", "MetaFed",
@@ -24,7 +26,7 @@ PAPER_METHODS = ["FedICRA", "FedICRA-ref", "FedLPPA", "FedAvg", "FT", "FedProx",
 
 
 def test_all_lists_every_compared_method_and_the_ablation_row():
-    rows = cmp.all_methods()
+    rows = layout.all_methods()
     labels = [m.label for m in rows]
     assert labels == PAPER_METHODS + ["FedAvg + full objective"]
     ablation = rows[-1]
@@ -33,15 +35,15 @@ def test_all_lists_every_compared_method_and_the_ablation_row():
     fedicra = get_method("FedICRA")
     assert ablation.strategy == "FedAvg"
     assert dict(ablation.settings) == {"model": fedicra.model, "procedure": fedicra.procedure}
-    assert [m.label for m in cmp.select_methods("fedavg, FedAvg+full")] == \
+    assert [m.label for m in layout.select_methods("fedavg, FedAvg+full")] == \
         ["FedAvg", "FedAvg + full objective"]
     with pytest.raises(SystemExit, match="--methods: unknown method 'FedFoo'"):
-        cmp.select_methods("FedICRA,FedFoo")
+        layout.select_methods("FedICRA,FedFoo")
 
 
 def test_ablation_row_runs_fedavg_with_fedicras_network_and_objective(tmp_path):
     args = cmp.parse_args(["--out", str(tmp_path), "--task", "faz", "--rounds", "3"])
-    cmd = cmp.train_command(args, cmp.select_methods("FedAvg+full")[0], port=20000)
+    cmd = cmp.train_command(args, layout.select_methods("FedAvg+full")[0], port=20000)
     assert cmd[cmd.index("--strategy") + 1] == "FedAvg"
     assert cmd[cmd.index("--model") + 1] == "unet_lc_multihead"
     assert cmd[cmd.index("--procedure") + 1] == "pce_gatedcrf_mstree"
@@ -52,7 +54,7 @@ def test_validation_curve_scores_what_each_method_deploys(tmp_path):
     """A global method's row of round r scores the aggregate of round r - 1; a personal
     method's row scores its own model; the centralised pooled row is skipped."""
     def write(method, rows):
-        folder = cmp.run_dir(tmp_path, method)
+        folder = layout.run_dir(tmp_path, method)
         folder.mkdir(parents=True)
         with open(folder / "metrics.csv", "w", newline="") as f:
             writer = csv.DictWriter(f, fieldnames=["round", "client", "val_dice", "val_dice_global",
@@ -60,21 +62,21 @@ def test_validation_curve_scores_what_each_method_deploys(tmp_path):
             writer.writeheader()
             writer.writerows(rows)
 
-    fedavg, local, ct = (cmp.Method("FedAvg", "FedAvg"), cmp.Method("Local", "Local"),
-                         cmp.Method("CT-weak", "CT-weak"))
+    fedavg, local, ct = (layout.Method("FedAvg", "FedAvg"), layout.Method("Local", "Local"),
+                         layout.Method("CT-weak", "CT-weak"))
     write(fedavg, [{"round": 2, "client": 0, "val_dice": 0.9, "val_dice_global": 0.2},
                    {"round": 2, "client": 1, "val_dice": 0.9, "val_dice_global": 0.4},
                    {"round": 3, "client": 0, "val_dice": 0.9, "val_dice_global": 0.5}])
     write(local, [{"round": 1, "client": 0, "val_dice": 0.3}, {"round": 1, "client": 1, "val_dice": 0.5}])
     write(ct, [{"round": 1, "client": -1, "val_dice": ""}, {"round": 1, "client": 0, "val_dice": 0.6},
                {"round": 1, "client": 1, "val_dice": 0.8}])
-    assert cmp.validation_curve(tmp_path, fedavg) == pytest.approx({1: 0.3, 2: 0.5})
-    assert cmp.validation_curve(tmp_path, local) == pytest.approx({1: 0.4})
-    assert cmp.validation_curve(tmp_path, ct) == pytest.approx({1: 0.7})
-    ref = cmp.Method("FedICRA-ref", "FedICRA-ref")  # scores its blend with the next aggregate
+    assert report.validation_curve(tmp_path, fedavg) == pytest.approx({1: 0.3, 2: 0.5})
+    assert report.validation_curve(tmp_path, local) == pytest.approx({1: 0.4})
+    assert report.validation_curve(tmp_path, ct) == pytest.approx({1: 0.7})
+    ref = layout.Method("FedICRA-ref", "FedICRA-ref")  # scores its blend with the next aggregate
     write(ref, [{"round": 2, "client": 0, "val_dice_blend": 0.6},
                 {"round": 2, "client": 1, "val_dice_blend": 0.2}])
-    assert cmp.validation_curve(tmp_path, ref) == pytest.approx({1: 0.4})
+    assert report.validation_curve(tmp_path, ref) == pytest.approx({1: 0.4})
 
 
 def _check_outputs(out: Path, labels):
@@ -108,11 +110,11 @@ def test_comparison_writes_every_file_and_resumes_without_retraining(tiny_federa
     out = tmp_path / "cmp"
     assert cmp.main(_argv(tiny_federation, out, "CT-weak")) == 0
     _check_outputs(out, ["CT-weak"])
-    first = json.loads((cmp.run_dir(out, cmp.Method("CT-weak", "CT-weak")) / "compare.json").read_text())
+    first = json.loads((layout.run_dir(out, layout.Method("CT-weak", "CT-weak")) / "compare.json").read_text())
     assert "--strategy CT-weak" in first["train_command"]
     # a later call with more methods trains only the new one (a Flower federation)
     assert cmp.main(_argv(tiny_federation, out, "CT-weak,FedAvg+full")) == 0
-    again = json.loads((cmp.run_dir(out, cmp.Method("CT-weak", "CT-weak")) / "compare.json").read_text())
+    again = json.loads((layout.run_dir(out, layout.Method("CT-weak", "CT-weak")) / "compare.json").read_text())
     assert again == first, "a finished method was trained again"
     _check_outputs(out, ["CT-weak", "FedAvg + full objective"])
     with open(out / "comparison.csv", newline="") as f:
@@ -136,7 +138,7 @@ def test_fedlppa_trains_and_is_scored_on_the_synthetic_federation(tiny_federatio
         rows = list(csv.DictReader(f))
     assert {r["model"] for r in rows} == {"personal"}
     assert all(0.0 <= float(r["dice_mean"]) <= 1.0 for r in rows)
-    config = (cmp.run_dir(out, cmp.Method("FedLPPA", "FedLPPA")) / "config.toml").read_text()
+    config = (layout.run_dir(out, layout.Method("FedLPPA", "FedLPPA")) / "config.toml").read_text()
     assert 'model = "unet_lppa"' in config and 'strategy = "FedLPPA"' in config
 
 
@@ -144,7 +146,7 @@ def test_fedlppa_trains_and_is_scored_on_the_synthetic_federation(tiny_federatio
 def test_every_method_end_to_end(tiny_federation, tmp_path):
     out = tmp_path / "all"
     assert cmp.main(_argv(tiny_federation, out, "all")) == 0
-    _check_outputs(out, [m.label for m in cmp.all_methods()])
+    _check_outputs(out, [m.label for m in layout.all_methods()])
 
 
 def test_best_baseline_leaves_out_fedicra_the_ablation_and_the_references(tmp_path, capsys):
@@ -153,8 +155,8 @@ def test_best_baseline_leaves_out_fedicra_the_ablation_and_the_references(tmp_pa
                          ("CT-weak", 0.92), ("FedBN", 0.80), ("FedAvg", 0.70)):
         rows.append({"method": method, "site": "mean of sites", "target": "faz", "dice_mean": dice})
         rows.append({"method": method, "site": "client0", "target": "faz", "dice_mean": 1.0 - dice})
-    cmp.write_csv(tmp_path / "comparison.csv", rows)
-    assert cmp.best_baseline(tmp_path) == "FedBN"
+    report.write_csv(tmp_path / "comparison.csv", rows)
+    assert report.best_baseline(tmp_path) == "FedBN"
     assert cmp.main(["--best-baseline", str(tmp_path)]) == 0
     assert capsys.readouterr().out.strip() == "FedBN"
 
@@ -163,14 +165,14 @@ def test_best_baseline_leaves_out_fedicra_the_ablation_and_the_references(tmp_pa
 def test_seeds_select_the_per_seed_layout_and_commands(tmp_path):
     args = cmp.parse_args(["--out", str(tmp_path), "--task", "faz", "--seeds", "2022, 2023,2024"])
     assert args.seeds == [2022, 2023, 2024] and args.seed is None
-    fedrep = cmp.select_methods("FedRep")[0]
+    fedrep = layout.select_methods("FedRep")[0]
     train = cmp.train_command(args, fedrep, port=20000, seed=2023)
     assert train[train.index("--seed") + 1] == "2023"
     assert train[train.index("--exp") + 1] == "FedRep_seed2023"
     assert train[train.index("--out_root") + 1] == str((tmp_path / "runs").resolve())
     test = cmp.test_command(args, fedrep, seed=2023)
     assert test[test.index("--exp") + 1] == "FedRep_seed2023"
-    assert cmp.run_dir(tmp_path, fedrep, 2023) == tmp_path / "runs" / "FedRep_seed2023"
+    assert layout.run_dir(tmp_path, fedrep, 2023) == tmp_path / "runs" / "FedRep_seed2023"
     # one seed keeps the single-seed layout: runs/<method>/, as --seed does
     one = cmp.parse_args(["--out", str(tmp_path), "--task", "faz", "--seeds", "7"])
     assert one.seeds is None and one.seed == 7
@@ -219,12 +221,12 @@ def write_snapshot(argv, label, seed=None, **sets):
     from flower_runner import parse_args
 
     args = cmp.parse_args(argv)
-    method = cmp.select_methods(label)[0]
+    method = layout.select_methods(label)[0]
     train = cmp.train_command(args, method, 0, seed)
     cfg = absolute_paths(resolve_layers(parse_args(train[2:]))[0])
     for key, value in sets.items():
         setattr(cfg, key, value)
-    save_config(cfg, cmp.run_dir(Path(args.out), method, seed) / "config.toml")
+    save_config(cfg, layout.run_dir(Path(args.out), method, seed) / "config.toml")
 
 
 CASES = [(c, f"case{i:03d}") for c in range(3) for i in range(4)]
@@ -238,13 +240,13 @@ def fabricate(out: Path, seeds=(1, 2, 3), methods=("FedICRA", "FedRep"), same=Fa
     rng = np.random.default_rng(0)
     values = {}
     for k, label in enumerate(methods):
-        method = cmp.select_methods(label)[0]
+        method = layout.select_methods(label)[0]
         values[label] = {}
         for seed in seeds:
             dice = dict(values[methods[0]][seed]) if same and k else \
                 {key: float(rng.uniform(0.2 + 0.3 * (label == "FedICRA"), 1.0)) for key in CASES}
             values[label][seed] = dict(dice)
-            fake_run(cmp.run_dir(out, method, seed), dice, train_seconds=60.0 * seed)
+            fake_run(layout.run_dir(out, method, seed), dice, train_seconds=60.0 * seed)
     return values
 
 
@@ -257,8 +259,8 @@ def test_several_seeds_report_mean_and_std_over_the_seeds(tmp_path):
     import numpy as np
 
     values = fabricate(tmp_path)
-    methods = cmp.select_methods("FedICRA,FedRep")
-    files = cmp.write_reports(tmp_path, methods, "fabricated", seeds=[1, 2, 3])
+    methods = layout.select_methods("FedICRA,FedRep")
+    files = report.write_reports(tmp_path, methods, "fabricated", seeds=[1, 2, 3])
     assert all(f.is_file() and f.stat().st_size > 0 for f in files)
     rows = {(r["method"], r["site"]): r for r in _rows(tmp_path / "comparison.csv")}
     assert {r["target"] for r in rows.values()} == {"faz"}
@@ -297,7 +299,7 @@ def test_a_run_that_lost_site_replies_is_counted_and_marked(tmp_path):
     """A round aggregated without a site (metrics.csv ``missing = 1``) makes the run depend on
     the machine's load: the row counts the lost replies and comparison.md marks it."""
     fabricate(tmp_path)
-    folder = cmp.run_dir(tmp_path, cmp.select_methods("FedRep")[0], 2)
+    folder = layout.run_dir(tmp_path, layout.select_methods("FedRep")[0], 2)
     rows = _rows(folder / "metrics.csv")
     for r in rows:
         r["missing"] = int(r["client"] == "1" and r["round"] in ("2", "3"))
@@ -305,8 +307,8 @@ def test_a_run_that_lost_site_replies_is_counted_and_marked(tmp_path):
         writer = csv.DictWriter(f, fieldnames=list(rows[0]))
         writer.writeheader()
         writer.writerows(rows)
-    assert cmp.lost_replies(folder) == 2
-    cmp.write_reports(tmp_path, cmp.select_methods("FedICRA,FedRep"), "fabricated", seeds=[1, 2, 3])
+    assert report.lost_replies(folder) == 2
+    report.write_reports(tmp_path, layout.select_methods("FedICRA,FedRep"), "fabricated", seeds=[1, 2, 3])
     lost = {(r["method"], r["site"]): r["lost_replies"] for r in _rows(tmp_path / "comparison.csv")}
     assert lost[("FedRep", "mean of sites")] == "2" and lost[("FedICRA", "mean of sites")] == "0"
     per_seed = {(r["method"], r["seed"]): r["lost_replies"]
@@ -321,14 +323,14 @@ def test_several_seeds_resume_runs_only_the_missing_method_and_seed(tmp_path, mo
     import shutil
 
     values = fabricate(tmp_path)
-    fedrep = cmp.select_methods("FedRep")[0]
-    shutil.rmtree(cmp.run_dir(tmp_path, fedrep, 3) / "test")  # a half-finished run
+    fedrep = layout.select_methods("FedRep")[0]
+    shutil.rmtree(layout.run_dir(tmp_path, fedrep, 3) / "test")  # a half-finished run
     trained = []
 
     def fake_run_method(args, method, seed=None):
         trained.append((method.label, seed))
-        shutil.rmtree(cmp.run_dir(tmp_path, method, seed))
-        fake_run(cmp.run_dir(tmp_path, method, seed), values[method.label][seed])
+        shutil.rmtree(layout.run_dir(tmp_path, method, seed))
+        fake_run(layout.run_dir(tmp_path, method, seed), values[method.label][seed])
         return {"total_seconds": 1.0}
 
     monkeypatch.setattr(cmp, "run_method", fake_run_method)
@@ -346,7 +348,7 @@ def test_report_only_trains_nothing_and_names_what_it_leaves_out(tmp_path, monke
     import shutil
 
     fabricate(tmp_path)
-    shutil.rmtree(cmp.run_dir(tmp_path, cmp.select_methods("FedRep")[0], 3) / "test")
+    shutil.rmtree(layout.run_dir(tmp_path, layout.select_methods("FedRep")[0], 3) / "test")
 
     def no_training(*args, **kwargs):
         raise AssertionError("--report-only trained a run")
@@ -367,7 +369,7 @@ def test_several_seeds_train_seed_by_seed(tmp_path, monkeypatch):
 
     def fake_run_method(args, method, seed=None):
         trained.append((method.label, seed))
-        fake_run(cmp.run_dir(tmp_path, method, seed), {key: 0.5 for key in CASES}, seed=seed)
+        fake_run(layout.run_dir(tmp_path, method, seed), {key: 0.5 for key in CASES}, seed=seed)
         return {"total_seconds": 1.0}
 
     monkeypatch.setattr(cmp, "run_method", fake_run_method)
@@ -380,7 +382,7 @@ def test_one_seed_refuses_a_folder_holding_another_seeds_runs(tmp_path, monkeypa
     """``--seeds 2023`` (one seed: the single-seed layout) on a DIR whose runs/<method>/ holds a
     finished seed-2022 run must not report that run as seed 2023, nor overwrite it; the error
     says which command adds the seed."""
-    fake_run(cmp.run_dir(tmp_path, cmp.select_methods("FedRep")[0]),
+    fake_run(layout.run_dir(tmp_path, layout.select_methods("FedRep")[0]),
              {key: 0.5 for key in CASES}, seed=2022)
     write_snapshot(["--task", "faz", "--seed", "2022", "--out", str(tmp_path)], "FedRep")
     trained = []
@@ -401,7 +403,7 @@ def test_a_finished_run_of_another_configuration_stops_the_call(tmp_path, monkey
     and names the run and key; keys that change no computed value (RUN_ONLY_KEYS: the deadline,
     the paths, ...) do not count."""
     argv = ["--task", "faz", "--methods", "FedRep", "--rounds", "3", "--out", str(tmp_path)]
-    fake_run(cmp.run_dir(tmp_path, cmp.select_methods("FedRep")[0]), {key: 0.5 for key in CASES})
+    fake_run(layout.run_dir(tmp_path, layout.select_methods("FedRep")[0]), {key: 0.5 for key in CASES})
     write_snapshot(argv, "FedRep", round_timeout=99.0, out_root="/elsewhere", port=1234)
     trained = []
     monkeypatch.setattr(cmp, "run_method", lambda args, method, seed=None: trained.append(method))
@@ -420,7 +422,7 @@ def test_paired_wilcoxon_against_fedicra_on_case_dice_averaged_over_seeds(tmp_pa
     from scipy.stats import wilcoxon
 
     values = fabricate(tmp_path, seeds=(1, 2))
-    cmp.write_reports(tmp_path, cmp.select_methods("FedRep,FedICRA"), "fabricated", seeds=[1, 2])
+    report.write_reports(tmp_path, layout.select_methods("FedRep,FedICRA"), "fabricated", seeds=[1, 2])
     rows = {(r["method"], r["site"]): r for r in _rows(tmp_path / "comparison.csv")}
     avg = {m: {key: np.mean([values[m][s][key] for s in (1, 2)]) for key in CASES}
            for m in ("FedICRA", "FedRep")}
@@ -443,7 +445,7 @@ def test_differences_to_fedicra_paired_by_seed(tmp_path):
     import numpy as np
 
     values = fabricate(tmp_path, seeds=(1, 2, 3))
-    cmp.write_reports(tmp_path, cmp.select_methods("FedICRA,FedRep"), "fabricated",
+    report.write_reports(tmp_path, layout.select_methods("FedICRA,FedRep"), "fabricated",
                       seeds=[1, 2, 3])
     rows = {(r["method"], r["site"]): r for r in _rows(tmp_path / "comparison.csv")}
 
@@ -470,7 +472,7 @@ def test_differences_to_fedicra_paired_by_seed(tmp_path):
 
 def test_wilcoxon_all_zero_differences_and_the_first_method_as_reference(tmp_path):
     fabricate(tmp_path, seeds=(1, 2), methods=("FedRep", "FedBN"), same=True)
-    cmp.write_reports(tmp_path, cmp.select_methods("FedRep,FedBN"), "fabricated", seeds=[1, 2])
+    report.write_reports(tmp_path, layout.select_methods("FedRep,FedBN"), "fabricated", seeds=[1, 2])
     rows = {(r["method"], r["site"]): r for r in _rows(tmp_path / "comparison.csv")}
     assert rows[("FedBN", "pooled")]["wilcoxon_p"] == "1.0"
     assert rows[("FedBN", "pooled")]["wilcoxon_ref"] == "FedRep"
@@ -478,8 +480,8 @@ def test_wilcoxon_all_zero_differences_and_the_first_method_as_reference(tmp_pat
     table = (tmp_path / "comparison.md").read_text()
     assert "p vs FedRep" in table and "the reference is FedRep, the first method" in table
     same = {(0, "a", "faz"): 0.5, (0, "b", "faz"): 0.7}
-    assert cmp.paired_wilcoxon(same, dict(same)) == (1.0, 2)
-    assert cmp.paired_wilcoxon(same, {}) == (pytest.approx(float("nan"), nan_ok=True), 0)
+    assert report.paired_wilcoxon(same, dict(same)) == (1.0, 2)
+    assert report.paired_wilcoxon(same, {}) == (pytest.approx(float("nan"), nan_ok=True), 0)
 
 
 def test_single_seed_comparison_keeps_its_layout_and_gains_the_p_column(tmp_path):
@@ -489,9 +491,9 @@ def test_single_seed_comparison_keeps_its_layout_and_gains_the_p_column(tmp_path
 
     rng = np.random.default_rng(1)
     for label in ("FedICRA", "FedRep"):
-        fake_run(cmp.run_dir(tmp_path, cmp.select_methods(label)[0]),
+        fake_run(layout.run_dir(tmp_path, layout.select_methods(label)[0]),
                  {key: float(rng.uniform(0, 1)) for key in CASES}, seed=2022)
-    cmp.write_reports(tmp_path, cmp.select_methods("FedICRA,FedRep"), "fabricated")
+    report.write_reports(tmp_path, layout.select_methods("FedICRA,FedRep"), "fabricated")
     assert not (tmp_path / "comparison_per_seed.csv").exists()
     rows = {(r["method"], r["site"]): r for r in _rows(tmp_path / "comparison.csv")}
     assert rows[("FedRep", "pooled")]["seeds"] == "2022"
@@ -499,9 +501,9 @@ def test_single_seed_comparison_keeps_its_layout_and_gains_the_p_column(tmp_path
     assert 0.0 <= float(rows[("FedRep", "pooled")]["wilcoxon_p"]) <= 1.0
     assert rows[("FedRep", "pooled")]["seed_delta_mean"] == ""  # one seed: no seed pairing
     assert "by seed" not in (tmp_path / "comparison.md").read_text()
-    fedicra = cmp.select_methods("FedICRA")[0]
-    assert cmp.result_dir(tmp_path, fedicra, 2022) == cmp.run_dir(tmp_path, fedicra)
-    assert not cmp.is_done(tmp_path, fedicra, 2023)
+    fedicra = layout.select_methods("FedICRA")[0]
+    assert layout.result_dir(tmp_path, fedicra, 2022) == layout.run_dir(tmp_path, fedicra)
+    assert not layout.is_done(tmp_path, fedicra, 2023)
 
 
 SEEDS_METHODS = "FedICRA,FedICRA-ref,FedRep"
@@ -516,9 +518,9 @@ def test_seeds_from_one_command_end_to_end(tiny_federation, tmp_path):
             "--num_clients", "3", "--set", "base_channels=4", "--set", "aux_channels=8",
             "--set", "batch_size=2", "--out", str(out)]
     assert cmp.main(argv) == 0
-    labels = [m.label for m in cmp.select_methods(SEEDS_METHODS)]
-    records = {(m.label, seed): (cmp.run_dir(out, m, seed) / "compare.json").read_text()
-               for m in cmp.select_methods(SEEDS_METHODS) for seed in (1, 2)}
+    labels = [m.label for m in layout.select_methods(SEEDS_METHODS)]
+    records = {(m.label, seed): (layout.run_dir(out, m, seed) / "compare.json").read_text()
+               for m in layout.select_methods(SEEDS_METHODS) for seed in (1, 2)}
     for (_, seed), record in records.items():
         assert f"--seed {seed}" in json.loads(record)["train_command"]
     _check_outputs(out, labels)
@@ -535,17 +537,17 @@ def test_seeds_from_one_command_end_to_end(tiny_federation, tmp_path):
             assert 0.0 <= float(r["wilcoxon_p"]) <= 1.0 and r["wilcoxon_pairs"] == "6"
     assert "p vs FedICRA" in (out / "comparison.md").read_text()
     assert cmp.main(argv) == 0  # every method and seed is done: nothing is trained again
-    assert records == {(m.label, seed): (cmp.run_dir(out, m, seed) / "compare.json").read_text()
-                       for m in cmp.select_methods(SEEDS_METHODS) for seed in (1, 2)}
+    assert records == {(m.label, seed): (layout.run_dir(out, m, seed) / "compare.json").read_text()
+                       for m in layout.select_methods(SEEDS_METHODS) for seed in (1, 2)}
 
 
 def test_a_resumed_run_counts_the_train_time_of_its_earlier_sittings(tmp_path, monkeypatch):
     """The train time of a resumed run adds the completed rounds of its earlier sittings
     (``timing.csv``, up to the round it resumes after) to this call's; a run whose training
     had finished takes all of them; a run without the file counts this call only."""
-    fedrep = cmp.select_methods("FedRep")[0]
+    fedrep = layout.select_methods("FedRep")[0]
     args = cmp.parse_args(["--task", "faz", "--methods", "FedRep", "--out", str(tmp_path)])
-    folder = cmp.run_dir(tmp_path, fedrep)
+    folder = layout.run_dir(tmp_path, fedrep)
     folder.mkdir(parents=True)
     (folder / "timing.csv").write_text("round,seconds\n1,30.0\n2,40.0\n3,50.0\n")
     assert cmp.earlier_train_seconds(folder, None) == 0.0   # a fresh run
@@ -575,9 +577,9 @@ def test_an_interrupted_run_of_the_same_configuration_is_resumed_not_retrained(
     from networks.checkpoint import run_meta, save_atomic
 
     args = cmp.parse_args(_argv(tiny_federation, tmp_path / "cmp", "FedRep"))
-    fedrep = cmp.select_methods("FedRep")[0]
+    fedrep = layout.select_methods("FedRep")[0]
     train = cmp.train_command(args, fedrep, port=20000)
-    folder = cmp.run_dir(Path(args.out), fedrep)
+    folder = layout.run_dir(Path(args.out), fedrep)
     assert cmp.resumable_round(train, folder) is None  # nothing there
 
     cfg = absolute_paths(resolve_layers(parse_args(train[2:]))[0])
@@ -592,9 +594,9 @@ def test_an_interrupted_run_of_the_same_configuration_is_resumed_not_retrained(
     save_atomic({**latest, "round": 2, "finished": True}, folder / "global" / "latest.pt")
     assert cmp.resumable_round(train, folder) == -1  # trained: only the test is left
 
-    ct = cmp.select_methods("CT-weak")[0]
+    ct = layout.select_methods("CT-weak")[0]
     ct_train = cmp.train_command(args, ct, port=20000)
-    ct_folder = cmp.run_dir(Path(args.out), ct)
+    ct_folder = layout.run_dir(Path(args.out), ct)
     ct_cfg = absolute_paths(resolve_layers(parse_args(ct_train[2:]))[0])
     save_config(ct_cfg, ct_folder / "config.toml")
     save_atomic({**latest, "meta": run_meta(ct_cfg, None)}, ct_folder / "global" / "latest.pt")

@@ -47,7 +47,7 @@ def test_the_registry_finds_a_module_named_in_the_environment(toy_method):
     assert cfg.params.trimmed_k == 2 and cfg.method is entry
     with pytest.raises(ValueError, match="trimmed_k = 2 must leave a site"):
         RunConfig.build(strategy="FedTrim", trimmed_k=2, num_clients=4).validate()
-    from benchmarks.compare_strategies import select_methods
+    from benchmarks.compared_methods import select_methods
 
     assert [(m.label, m.strategy) for m in select_methods("fedtrim")] == [("FedTrim", "FedTrim")]
 
