@@ -15,7 +15,6 @@ from methods.registry import get_method, method_names
 log = logging.getLogger("fedicra.compare")
 
 
-
 @dataclass(frozen=True)
 class Method:
     """One row of the comparison: a strategy and the settings that make it this row."""
